@@ -1,0 +1,180 @@
+"""File I/O with checks: NIfTI volumes that are read with clear errors and written atomically.
+
+Writes go to a temporary file in the destination folder and are renamed into place, so a crash or a
+killed process never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from custom_components.errors import GuideGenInputError
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "strip_nifti_suffix",
+    "load_nifti",
+    "read_volume",
+    "check_same_grid",
+    "atomic_write",
+    "save_nifti",
+    "write_json",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def strip_nifti_suffix(name: str) -> str | None:
+    """File name without its NIfTI suffix, or None when it is not a NIfTI file name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def load_nifti(path: str | os.PathLike, what: str) -> nib.Nifti1Image:
+    """Open a NIfTI file and make sure its header is readable.
+
+    Args:
+        path: the file.
+        what: what the file is meant to be, for messages (e.g. ``"CT of case 'abc'"``).
+
+    Raises:
+        GuideGenInputError: missing or not a readable NIfTI file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GuideGenInputError(f"{what}: file {path} not found")
+    try:
+        image = nib.load(str(path))
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise GuideGenInputError(f"{what}: {path} is not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise GuideGenInputError(f"{what}: {path} is a {type(image).__name__}, expected NIfTI (.nii or .nii.gz)")
+    return image
+
+
+def read_volume(image: nib.Nifti1Image, what: str, dtype: Any = np.float32, check_finite: bool = False) -> np.ndarray:
+    """Voxel data of a NIfTI image as a 3D array.
+
+    Args:
+        image: an image from :func:`load_nifti`.
+        what: description for messages.
+        dtype: array type to return.
+        check_finite: reject NaN and infinite voxels.
+
+    Returns:
+        the (X, Y, Z) array; a trailing singleton 4th dimension is dropped.
+
+    Raises:
+        GuideGenInputError: the data cannot be decompressed, is not 3D, or holds NaN/Inf when checked.
+    """
+    shape = image.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise GuideGenInputError(
+            f"{what}: {image.get_filename()} has shape {image.shape}; expected a 3D volume (X, Y, Z)"
+        )
+    try:
+        data = np.asarray(image.dataobj, dtype=dtype).reshape(shape)
+    except Exception as err:  # truncated gzip streams surface as EOFError, OSError, zlib.error ...
+        raise GuideGenInputError(
+            f"{what}: {image.get_filename()} is corrupt, its voxel data cannot be read ({type(err).__name__}: {err})"
+        ) from err
+    if check_finite and not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise GuideGenInputError(
+            f"{what}: {image.get_filename()} holds {bad} NaN/Inf voxels; fix or re-export the volume"
+        )
+    return data
+
+
+def check_same_grid(
+    reference: nib.Nifti1Image, other: nib.Nifti1Image, what: str, atol_mm: float = 1e-3
+) -> None:
+    """Require two images to share voxel grid: same 3D shape and the same affine within ``atol_mm``.
+
+    Raises:
+        GuideGenInputError: naming both files, both shapes or both affines.
+    """
+    ref_shape, other_shape = reference.shape[:3], other.shape[:3]
+    if ref_shape != other_shape:
+        raise GuideGenInputError(
+            f"{what}: {other.get_filename()} has shape {other_shape} but {reference.get_filename()} has "
+            f"{ref_shape}; they must be on the same voxel grid (resample the mask onto the CT)"
+        )
+    if not np.allclose(reference.affine, other.affine, atol=atol_mm, rtol=0):
+        raise GuideGenInputError(
+            f"{what}: the affine of {other.get_filename()} differs from {reference.get_filename()} "
+            f"(max difference {np.abs(reference.affine - other.affine).max():.4g} mm); they must share "
+            f"orientation, spacing and origin.\n{np.round(other.affine, 4)}\nvs\n{np.round(reference.affine, 4)}"
+        )
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file through a temporary sibling and rename it into place.
+
+    Args:
+        path: final destination; its folder is created.
+        write: called with the temporary path (which keeps the destination's suffixes, so format detection
+            by extension works) and must write the whole file there.
+
+    Returns:
+        the destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: Any) -> Path:
+    """Atomically save a 3D array as NIfTI with the given affine (also set as qform and sform).
+
+    Args:
+        array: voxel data.
+        affine: 4x4 voxel -> world (RAS+, mm) matrix.
+        path: destination (``.nii.gz`` compresses).
+        dtype: on-disk data type, e.g. ``np.int16`` for HU or ``np.uint8`` for labels.
+    """
+    image = nib.Nifti1Image(np.asarray(array).astype(dtype), np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(dtype)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    return atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomically write an object as indented JSON."""
+    text = json.dumps(obj, indent=1, default=_json_default) + "\n"
+    return atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, os.PathLike)):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

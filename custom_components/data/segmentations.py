@@ -1,0 +1,196 @@
+"""Reading source segmentations (TotalSegmentator output) and mapping them onto a GuideGen class map.
+
+TotalSegmentator writes either one multi-label file (``--ml``) or a folder with one binary file per
+structure (``<structure>.nii.gz``). Its v1 and v2 releases number the structures differently
+(``resources/totalsegmentator_class_maps.json``). The version is taken, in this order, from what the user
+states, from the label table TotalSegmentator v2 embeds in the NIfTI header, from the structure file names,
+or from the label values when only one version has them all; otherwise the user is asked to state it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom_components.data.class_map import ClassMap, guess_source_map_from_names, resolve_source_map_name
+from custom_components.data.io import NIFTI_SUFFIXES, check_same_grid, load_nifti, read_volume, strip_nifti_suffix
+from custom_components.errors import CaseError, GuideGenInputError
+
+__all__ = ["SourceSegmentation", "find_segmentation", "read_label_table", "load_source_segmentation", "map_to_classes"]
+
+_LABEL_ENTRY = re.compile(r'<Label\s+Key="(\d+)"[^>]*>\s*<!\[CDATA\[(.*?)\]\]>\s*</Label>', re.S)
+
+
+@dataclass
+class SourceSegmentation:
+    """A case's segmentation in its source labelling.
+
+    Attributes:
+        labels: (X, Y, Z) int32 source label values.
+        label_names: source label value -> structure name, for the values this labelling defines.
+        source_map: which of the class map's source maps assigns these structures to classes.
+        image: a NIfTI image on the segmentation's grid (header and affine).
+        files: the files read.
+    """
+
+    labels: np.ndarray
+    label_names: dict[int, str]
+    source_map: str
+    image: nib.Nifti1Image
+    files: list[Path]
+
+
+def find_segmentation(segmentations_dir: Path, case_id: str) -> Path | None:
+    """Where a case's segmentation lies: ``<id>.nii.gz``/``<id>.nii`` or a per-structure folder ``<id>/``
+    (or ``<id>/segmentations/``, as TotalSegmentator names it); None when absent."""
+    for suffix in NIFTI_SUFFIXES:
+        candidate = segmentations_dir / f"{case_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    folder = segmentations_dir / case_id
+    if (folder / "segmentations").is_dir():
+        return folder / "segmentations"
+    return folder if folder.is_dir() else None
+
+
+def read_label_table(image: nib.Nifti1Image) -> dict[int, str] | None:
+    """The label table TotalSegmentator v2 stores in a NIfTI header extension, or None if there is none."""
+    for extension in image.header.extensions:
+        content = extension.get_content()
+        text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
+        entries = {int(key): name.strip() for key, name in _LABEL_ENTRY.findall(text)}
+        if entries:
+            return entries
+    return None
+
+
+def _choose_source_map(
+    case_id: str,
+    stated: str,
+    candidates: list[str],
+    evidence: str,
+    class_map: ClassMap,
+    structure_names: Iterable[str] | None = None,
+) -> str:
+    """Pick the source labelling; with ``structure_names`` (name-based inputs) several candidates are fine
+    when they all put those structures into the same classes."""
+    if stated != "auto":
+        chosen = resolve_source_map_name(stated, class_map.source_maps)
+        if candidates and chosen not in candidates:
+            raise CaseError(
+                case_id,
+                f"you stated {chosen} but the {evidence} only fit {', '.join(candidates)}; "
+                "fix --ts_version or check the segmentation",
+            )
+        return chosen
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates and structure_names is not None:
+        names = sorted(set(structure_names))
+        assignments = {tuple(class_map.structure_to_class(c)[n] for n in names) for c in candidates}
+        if len(assignments) == 1:
+            return candidates[0]
+    if not candidates:
+        raise CaseError(
+            case_id,
+            f"the {evidence} match no known labelling ({', '.join(class_map.source_maps)}); "
+            "add a 'source_maps' entry to your class map",
+        )
+    raise CaseError(
+        case_id,
+        f"cannot tell which labelling the segmentation uses from its {evidence} (fits {', '.join(candidates)}); "
+        "state it with --ts_version v1 or --ts_version v2",
+    )
+
+
+def _load_multilabel(path: Path, case_id: str, stated: str, class_map: ClassMap) -> SourceSegmentation:
+    what = f"segmentation of case '{case_id}'"
+    image = load_nifti(path, what)
+    data = read_volume(image, what, dtype=np.float64, check_finite=True)
+    labels = data.astype(np.int32)
+    if not np.array_equal(labels, data):
+        raise CaseError(case_id, f"{path} holds non-integer values; a label map must hold whole numbers")
+    table = read_label_table(image)
+    if table is not None:
+        candidates = guess_source_map_from_names(table.values(), class_map.source_maps)
+        chosen = _choose_source_map(
+            case_id, stated, candidates, "structure names in its header label table", class_map, table.values()
+        )
+        unknown = sorted(set(table.values()) - set(class_map.source_maps[chosen].values()))
+        if unknown:
+            raise CaseError(case_id, f"{path} names structures not in {chosen}: {unknown}")
+        return SourceSegmentation(labels, table, chosen, image, [path])
+    present = {int(v) for v in np.unique(labels) if v != 0}
+    candidates = [name for name, m in class_map.source_maps.items() if present <= set(m)]
+    chosen = _choose_source_map(case_id, stated, candidates, "label values", class_map)
+    return SourceSegmentation(labels, dict(class_map.source_maps[chosen]), chosen, image, [path])
+
+
+def _load_structure_folder(folder: Path, case_id: str, stated: str, class_map: ClassMap) -> SourceSegmentation:
+    files = sorted(p for p in folder.iterdir() if strip_nifti_suffix(p.name) is not None)
+    if not files:
+        raise CaseError(case_id, f"segmentation folder {folder} holds no .nii/.nii.gz files")
+    names = [strip_nifti_suffix(p.name) for p in files]
+    candidates = guess_source_map_from_names(names, class_map.source_maps)
+    if not candidates:
+        known = set().union(*(m.values() for m in class_map.source_maps.values()))
+        raise CaseError(
+            case_id,
+            f"{folder} has structure files not in any known labelling: {sorted(set(names) - known)}",
+        )
+    chosen = _choose_source_map(case_id, stated, candidates, "structure file names", class_map, names)
+    value_of = {name: value for value, name in class_map.source_maps[chosen].items()}
+    reference = load_nifti(files[0], f"segmentation of case '{case_id}'")
+    labels = np.zeros(reference.shape[:3], dtype=np.int32)
+    for path, name in zip(files, names):
+        what = f"structure '{name}' of case '{case_id}'"
+        image = reference if path == files[0] else load_nifti(path, what)
+        check_same_grid(reference, image, what)
+        labels[read_volume(image, what, dtype=np.float32, check_finite=True) > 0.5] = value_of[name]
+    return SourceSegmentation(labels, dict(class_map.source_maps[chosen]), chosen, reference, files)
+
+
+def load_source_segmentation(location: Path, case_id: str, class_map: ClassMap, ts_version: str = "auto") -> SourceSegmentation:
+    """Read a case's segmentation, multi-label file or per-structure folder.
+
+    Args:
+        location: from :func:`find_segmentation`.
+        case_id: for messages.
+        class_map: supplies the known source label maps.
+        ts_version: ``auto``, ``v1``/``total_v1``, ``v2``/``total_v2`` or a class map ``source_maps`` name.
+
+    Raises:
+        GuideGenInputError: unreadable files, unknown version or structures, or an undecidable version.
+    """
+    if location.is_dir():
+        return _load_structure_folder(location, case_id, ts_version, class_map)
+    return _load_multilabel(location, case_id, ts_version, class_map)
+
+
+def map_to_classes(segmentation: SourceSegmentation, class_map: ClassMap, case_id: str) -> np.ndarray:
+    """Map source label values to the class map's class indices.
+
+    Returns:
+        (X, Y, Z) uint8 class label volume.
+
+    Raises:
+        CaseError: label values that the source labelling does not define (all are named).
+    """
+    table = class_map.lookup_table(segmentation.label_names, segmentation.source_map)
+    values = np.unique(segmentation.labels)
+    unknown = [int(v) for v in values if v < 0 or v >= len(table) or table[v] < 0]
+    if unknown:
+        known = sorted(segmentation.label_names)
+        raise CaseError(
+            case_id,
+            f"{segmentation.files[0]} has label values {unknown} that are not in {segmentation.source_map} "
+            f"(its values are {known[0]}..{known[-1]}); check --ts_version or the class map's source_maps",
+        )
+    if class_map.num_classes > 256:
+        raise GuideGenInputError(f"class map {class_map.path} has {class_map.num_classes} classes; at most 256 fit uint8")
+    return table[segmentation.labels].astype(np.uint8)
