@@ -1,0 +1,65 @@
+"""The guidegen command line: help texts and exit codes."""
+
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from custom_components import cli
+
+
+def guidegen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    executable = shutil.which("guidegen", path=str(Path(sys.executable).parent)) or shutil.which("guidegen")
+    assert executable, "the guidegen console script is not installed (pip install -e .)"
+    env = {**os.environ, "PAGER": "cat", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_top_level_help_lists_commands():
+    result = guidegen("--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    assert "prepare" in text and "demo-data" in text
+    assert "Turn CTs + TotalSegmentator labels" in text
+
+
+@pytest.mark.parametrize("command, function", [("prepare", cli.prepare), ("demo-data", cli.demo_data)])
+def test_command_help_explains_every_option(command, function):
+    result = guidegen(command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    for name in inspect.signature(function).parameters:
+        assert f"--{name}" in text, f"--{name} missing from `guidegen {command} --help`"
+        assert re.search(rf"^\s+{name}: \S", inspect.getdoc(function), flags=re.M), f"{name} is not described in the docstring"
+
+
+def test_prepare_bad_option_exits_2_with_a_message(tmp_path):
+    result = guidegen("prepare", "--images_dir", str(tmp_path / "none"), "--segmentations_dir", str(tmp_path),
+                      "--records", str(tmp_path / "r.csv"), "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "guidegen: error: images folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prepare_with_a_failing_case_exits_1_and_keeps_the_good_one(make_dataset):
+    paths = make_dataset(("a", "b"))
+    (paths["segmentations"] / "b.nii.gz").unlink()
+    result = guidegen("prepare", "--images_dir", str(paths["images"]), "--segmentations_dir", str(paths["segmentations"]),
+                      "--records", str(paths["records"]), "--output_dir", str(paths["output"]),
+                      "--ts_version", "v1", "--mask_size", "8", "--image_size", "16,16,12")
+    assert result.returncode == 1, result.stderr
+    assert "FAILED b: no segmentation" in result.stderr
+    assert (paths["output"] / "labels/a.nii.gz").is_file()
+
+
+def test_prepare_success_prints_the_datalist(make_dataset):
+    paths = make_dataset(("a",))
+    result = guidegen("prepare", "--images_dir", str(paths["images"]), "--segmentations_dir", str(paths["segmentations"]),
+                      "--records", str(paths["records"]), "--output_dir", str(paths["output"]),
+                      "--ts_version", "v1", "--mask_size", "8", "--image_size", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(paths["output"] / "datalist.json")
