@@ -38,7 +38,7 @@ def prepare(
     """Turn CTs + TotalSegmentator labels + tumor masks + clinical records into a GuideGen training set.
 
     Writes OUTPUT_DIR/images/<id>.nii.gz (CT, int16 HU), labels/<id>.nii.gz (uint8 class indices),
-    cases/<id>.json (record, prompt, provenance, voxel counts), class_map.json and datalist.json (MONAI
+    previews/<id>.png (three views with the labels overlaid), cases/<id>.json (record, prompt, provenance, voxel counts), class_map.json and datalist.json (MONAI
     datalist with "training"/"validation" lists of {image, label, text, record}). Volumes are reoriented to
     RAS, cropped to the torso and resized; affines keep the true spacing. Cases whose outputs are up to date
     are skipped, so re-running after an interruption continues where it stopped. A bad case is reported and

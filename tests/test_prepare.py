@@ -137,6 +137,7 @@ def test_datalist_is_complete_and_loads(make_dataset):
     assert item["text"] == "The patient is a 50-year-old female." and item["record"]["sex"] == "female"
     assert datalist["num_classes"] == 20 and datalist["class_map"].num_classes == 20
     assert (paths["output"] / "class_map.json").is_file()
+    assert all((paths["output"] / f"previews/{case}.png").is_file() for case in "abcde")
 
 
 def test_split_is_deterministic_and_order_independent():

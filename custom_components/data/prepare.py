@@ -9,8 +9,9 @@ For every case this
    ``body_threshold_hu``; z: the extent of the labelled organs) plus a margin, and resizes the label volume
    to ``mask_size`` (nearest) and the CT to ``image_size`` (trilinear, anti-aliased); both keep the same
    field of view, and the affines say so;
-4. writes ``images/<id>.nii.gz`` (int16 HU), ``labels/<id>.nii.gz`` (uint8 classes) and last
-   ``cases/<id>.json`` (record, prompt, provenance, voxel counts), each atomically.
+4. writes ``images/<id>.nii.gz`` (int16 HU), ``labels/<id>.nii.gz`` (uint8 classes),
+   ``previews/<id>.png`` (three views with the labels overlaid) and last ``cases/<id>.json`` (record,
+   prompt, provenance, voxel counts), each atomically.
 
 Then it writes ``datalist.json`` and ``class_map.json``. A case whose ``cases/<id>.json`` exists with the
 same input fingerprint (input files, record, settings, class map) is skipped, so re-running after an
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from custom_components.data.class_map import ClassMap, load_class_map
 from custom_components.data.datalist import write_datalist
 from custom_components.data.io import check_same_grid, load_nifti, read_volume, save_nifti, strip_nifti_suffix, write_json
+from custom_components.data.preview import render_preview, save_preview
 from custom_components.data.prompts import record_to_prompt
 from custom_components.data.records import load_records
 from custom_components.data.segmentations import find_segmentation, load_source_segmentation, map_to_classes
@@ -266,12 +268,16 @@ def prepare_case(
     out_ct = np.clip(ct_ras[0].numpy().round(), *HU_RANGE).astype(np.int16)
 
     image_rel, label_rel = f"images/{case_id}.nii.gz", f"labels/{case_id}.nii.gz"
+    preview_rel = f"previews/{case_id}.png"
     save_nifti(out_ct, ct_ras.affine.numpy(), output_dir / image_rel, np.int16)
     save_nifti(out_labels, labels_ras.affine.numpy(), output_dir / label_rel, np.uint8)
+    preview = render_preview(out_ct, out_labels, class_map.num_classes, tuple(_spacing(ct_ras.affine)))
+    save_preview(preview, output_dir / preview_rel)
     prompt = record_to_prompt(record)
     return {
         "case_id": case_id,
         "entry": {"case_id": case_id, "image": image_rel, "label": label_rel, "text": prompt, "record": dict(record)},
+        "preview": preview_rel,
         "sources": {
             "image": str(image_path),
             "segmentation": str(segmentation_path),
