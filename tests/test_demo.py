@@ -1,0 +1,88 @@
+"""guidegen demo-data: phantoms + the real example CT run through prepare."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from custom_components.data.class_map import load_class_map
+from custom_components.data.datalist import load_datalist
+from custom_components.data.demo import build_demo_dataset
+from custom_components.data.example import EXAMPLE_CASE_ID
+from custom_components.errors import GuideGenInputError
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo")
+    datalist = build_demo_dataset(output, num_phantoms=4, mask_size=32, image_size=48, progress=False)
+    return output, datalist
+
+
+def test_demo_datalist_is_complete(demo):
+    output, datalist_path = demo
+    datalist = load_datalist(datalist_path)
+    items = datalist["training"] + datalist["validation"]
+    ids = sorted(item["case_id"] for item in items)
+    assert ids == ["phantom_000", "phantom_001", "phantom_002", "phantom_003", EXAMPLE_CASE_ID]
+    assert len(datalist["validation"]) == 1
+    for item in items:
+        image, label = nib.load(item["image"]), nib.load(item["label"])
+        assert image.shape == (48, 48, 48) and label.shape == (32, 32, 32)
+        assert item["text"].endswith(".") and "None" not in item["text"]
+    raw_records = (output / "raw/records.csv").read_text()
+    assert raw_records.startswith("case_id,age,sex,race,diagnosis,tumor_organ,tumor_count,tumor_size_mm,stage,remarks")
+    assert (output / "raw/LICENSE-TotalSegmentator.txt").is_file()
+
+
+def test_demo_tumors_sit_in_the_organ_their_record_names(demo):
+    _, datalist_path = demo
+    datalist = load_datalist(datalist_path)
+    class_map = load_class_map()
+    checked = 0
+    for item in datalist["training"] + datalist["validation"]:
+        record = item["record"]
+        labels = np.asarray(nib.load(item["label"]).dataobj)
+        tumor = labels == class_map.tumor_index
+        if not record.get("tumor_count"):
+            assert not tumor.any(), item["case_id"]
+            continue
+        assert tumor.any(), item["case_id"]
+        rim = ndimage.binary_dilation(tumor) & ~tumor
+        neighbours = np.bincount(labels[rim], minlength=class_map.num_classes)
+        assert class_map.class_names[int(np.argmax(neighbours[:-1]))] == record["tumor_organ"], item["case_id"]
+        checked += 1
+    if checked == 0:
+        pytest.skip("no tumor record among the seeded demo phantoms")
+
+
+def test_demo_rerun_skips_everything_and_is_identical(demo, tmp_path):
+    output, datalist_path = demo
+    before = datalist_path.read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in output.rglob("*.nii.gz")}
+    build_demo_dataset(output, num_phantoms=4, mask_size=32, image_size=48, progress=False)
+    assert datalist_path.read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*.nii.gz")} == mtimes
+
+
+def test_demo_is_reproducible_from_its_seed(demo, tmp_path):
+    output, _ = demo
+    other = build_demo_dataset(tmp_path / "again", num_phantoms=2, mask_size=32, image_size=48, include_example_ct=False, progress=False)
+    for case in ("phantom_000", "phantom_001"):
+        first = np.asarray(nib.load(str(output / f"labels/{case}.nii.gz")).dataobj)
+        second = np.asarray(nib.load(str(other.parent / f"labels/{case}.nii.gz")).dataobj)
+        assert np.array_equal(first, second)
+
+
+def test_demo_with_fewer_phantoms_drops_stale_cases(tmp_path):
+    build_demo_dataset(tmp_path, num_phantoms=2, mask_size=16, image_size=24, include_example_ct=False, progress=False)
+    datalist = build_demo_dataset(tmp_path, num_phantoms=1, mask_size=16, image_size=24, include_example_ct=False, progress=False)
+    content = json.loads(datalist.read_text())
+    assert [item["case_id"] for item in content["training"] + content["validation"]] == ["phantom_000"]
+
+
+def test_demo_needs_some_case(tmp_path):
+    with pytest.raises(GuideGenInputError, match="need at least one phantom or the example CT"):
+        build_demo_dataset(tmp_path, num_phantoms=0, include_example_ct=False)
