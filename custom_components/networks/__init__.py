@@ -1,0 +1,16 @@
+"""Networks of GuideGen: the text encoder, the knowledge-injection module (paper Fig. 1d) and the
+cross-attention 3D U-Net they condition."""
+
+from .factory import build_text_conditioned_unet
+from .knowledge_injection import KnowledgeInjection
+from .text_encoder import TextEncoder, default_text_encoder_path
+from .unet import CrossAttentionUNet3D, TextConditionedUNet
+
+__all__ = [
+    "build_text_conditioned_unet",
+    "KnowledgeInjection",
+    "TextEncoder",
+    "default_text_encoder_path",
+    "CrossAttentionUNet3D",
+    "TextConditionedUNet",
+]
