@@ -19,13 +19,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from custom_components.data.class_map import ClassMap, load_class_map
 from custom_components.data.io import write_json
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["DATALIST_ITEM_KEYS", "split_cases", "write_datalist", "load_datalist"]
+__all__ = ["DATALIST_ITEM_KEYS", "split_cases", "write_datalist", "load_datalist", "median_spacing"]
 
 DATALIST_ITEM_KEYS = ("image", "label", "text")
 _PATH_KEYS = ("image", "label")
@@ -162,3 +163,17 @@ def load_datalist(
         )
     result["class_map"] = class_map
     return result
+
+
+def median_spacing(items: Sequence[Mapping[str, Any]], key: str = "label") -> list[float]:
+    """Median voxel size (mm) of the files under ``key`` (headers only), e.g. to give generated masks a
+    realistic spacing.
+
+    Args:
+        items: datalist entries with absolute paths (from :func:`load_datalist`).
+        key: which file of each entry.
+    """
+    if not items:
+        raise GuideGenInputError("median_spacing needs at least one datalist entry")
+    spacings = [nib.load(str(item[key])).header.get_zooms()[:3] for item in items]
+    return [round(float(v), 4) for v in np.median(np.asarray(spacings, dtype=float), axis=0)]

@@ -1,0 +1,131 @@
+"""Training iterations for MONAI's :class:`~monai.engines.SupervisedTrainer` (its ``iteration_update``).
+
+:class:`AccumulatingIteration` does what every GuideGen stage needs around its loss: gradient
+accumulation (with DDP's gradient sync skipped on non-final micro-steps), optional clipping, AMP, and the
+EMA update. A stage subclasses it and only implements :meth:`AccumulatingIteration.compute_loss`.
+The trainer's output always holds a ``loss`` entry, which MONAI's StatsHandler and the
+``--tracking mlflow`` default settings read with ``from_engine(['loss'], first=True)``; that needs the
+output to decollate into per-sample dicts, so each stage also returns one per-sample tensor (e.g. the
+sampled timesteps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.engines.utils import IterationEvents
+from monai.utils import convert_to_tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from custom_components.errors import GuideGenInputError
+
+__all__ = ["make_ema", "AccumulatingIteration", "TCSSIteration"]
+
+
+def make_ema(network: torch.nn.Module, decay: float = 0.9999) -> AveragedModel:
+    """Exponential moving average of a network's weights, the weights used for inference.
+
+    Args:
+        network: the trained module (a DDP wrapper is unwrapped).
+        decay: EMA decay per optimiser step; 0 makes the "average" the latest weights (EMA off).
+    """
+    if not 0 <= decay < 1:
+        raise GuideGenInputError(f"ema_decay = {decay} must be in [0, 1)")
+    module = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class AccumulatingIteration:
+    """Callable ``(engine, batch) -> output`` doing one micro-step of training.
+
+    Args:
+        accumulation_steps: optimiser step every this many iterations (effective batch = batch x steps).
+        max_grad_norm: clip the gradient norm to this value before each step (None: no clipping).
+        ema: EMA model from :func:`make_ema`, updated after each optimiser step.
+    """
+
+    def __init__(self, accumulation_steps: int = 1, max_grad_norm: float | None = None, ema: AveragedModel | None = None) -> None:
+        if accumulation_steps < 1:
+            raise GuideGenInputError(f"accumulation_steps = {accumulation_steps} must be >= 1")
+        self.accumulation_steps = int(accumulation_steps)
+        self.max_grad_norm = max_grad_norm
+        self.ema = ema
+
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward pass of one batch; returns the scalar loss and per-sample outputs (batch-first tensors)."""
+        raise NotImplementedError
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+        network, optimizer = engine.network, engine.optimizer
+        network.train()
+        position = (engine.state.iteration - 1) % self.accumulation_steps
+        last_micro_step = position == self.accumulation_steps - 1
+        if position == 0:
+            optimizer.zero_grad(set_to_none=True)
+        skip_sync = not last_micro_step and isinstance(network, torch.nn.parallel.DistributedDataParallel)
+        with network.no_sync() if skip_sync else contextlib.nullcontext():
+            loss, outputs = self.compute_loss(engine, batch)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            scaled = loss / self.accumulation_steps
+            scaler = getattr(engine, "scaler", None)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if last_micro_step:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(network.parameters(), self.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(network.module if hasattr(network, "module") else network)
+        # MONAI's handlers (decollation, StatsHandler, MLflow) act on engine.state.output at MODEL_COMPLETED,
+        # which fires inside the iteration, so the output must be in place before it.
+        engine.state.output = {"loss": loss.detach(), **outputs}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class TCSSIteration(AccumulatingIteration):
+    """One TCSS training step (paper Eq. 6): x_0 -> x_t ~ q(x_t|x_0), predict x_0 logits, KL loss.
+
+    Args:
+        scheduler: a :class:`custom_components.schedulers.CategoricalDiffusionScheduler`.
+        text_encoder: frozen prompt encoder returning (features, mask) for a list of prompts.
+        label_key: batch key of the (B, 1, *spatial) class volume.
+        text_key: batch key of the prompts.
+        kwargs: see :class:`AccumulatingIteration`.
+    """
+
+    def __init__(self, scheduler: Any, text_encoder: torch.nn.Module, label_key: str = "label", text_key: str = "text", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.label_key = label_key
+        self.text_key = text_key
+
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        device = engine.state.device
+        # Plain tensors: MetaTensor's __torch_function__ hides the outputs from DDP's gradient hooks.
+        labels = convert_to_tensor(batch[self.label_key], track_meta=False).to(device).long()
+        num_classes = self.scheduler.num_classes
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise GuideGenInputError(
+                f"label values {int(labels.min())}..{int(labels.max())} fall outside the {num_classes} classes of the "
+                "class map; prepare the data with the same class map as the config"
+            )
+        x0 = F.one_hot(labels[:, 0], num_classes).movedim(-1, 1).float()
+        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (labels.shape[0],), device=device)
+        x_t = self.scheduler.q_sample(x0, timesteps)
+        text_features, text_mask = self.text_encoder(list(batch[self.text_key]))
+        with torch.autocast(device_type=device.type, enabled=bool(engine.amp)):
+            logits = engine.network(x_t, timesteps, text_features, text_mask)
+        loss = self.scheduler.kl_loss(x_t, x0, logits.float(), timesteps)
+        return loss, {"timesteps": timesteps.detach()}

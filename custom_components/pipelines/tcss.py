@@ -1,0 +1,112 @@
+"""Stage 1 pipeline: prompts -> anatomy masks by reverse categorical diffusion (TCSS).
+
+Chains the pieces without owning their maths: the text encoder gives token features, the network predicts
+x_0 logits, the scheduler draws x_{t-1} (paper Eq. 6 sampling: by probability for all but the last step,
+most probable class at the last). Writing files is left to :func:`save_masks`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from custom_components.data.io import save_nifti, write_json
+from custom_components.data.preview import render_preview, save_preview
+from custom_components.errors import GuideGenInputError
+
+__all__ = ["TCSSPipeline", "centred_affine", "save_masks"]
+
+
+class TCSSPipeline:
+    """Text-conditional mask sampler.
+
+    Args:
+        network: ``network(x_t, t, text_features, text_mask) -> x_0 logits`` (e.g. TextConditionedUNet).
+        scheduler: a :class:`custom_components.schedulers.CategoricalDiffusionScheduler`.
+        text_encoder: ``text_encoder(prompts) -> (features, mask)``.
+        spatial_size: mask size, e.g. (128, 128, 128).
+        device: where to sample.
+    """
+
+    def __init__(self, network: torch.nn.Module, scheduler: Any, text_encoder: torch.nn.Module, spatial_size: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.network = network
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: Sequence[str], num_inference_steps: int = 50, seed: int | None = 0, progress: bool = True
+    ) -> torch.Tensor:
+        """Sample one mask per prompt.
+
+        Args:
+            prompts: clinical prompts (see :mod:`custom_components.data.prompts`).
+            num_inference_steps: strided reverse steps (exact jumps; 1000 = every training step).
+            seed: random seed of the draw (None: not seeded).
+            progress: show a progress bar over the steps.
+
+        Returns:
+            (B, *spatial_size) long tensor of class indices, on the CPU.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise GuideGenInputError("no prompt given: pass at least one clinical prompt")
+        generator = torch.Generator(device=self.device)
+        if seed is not None:
+            generator.manual_seed(int(seed))
+        else:
+            generator.seed()
+        self.network.eval()
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        text_features, text_mask = self.text_encoder(list(prompts))
+        shape = (len(prompts), self.scheduler.num_classes, *self.spatial_size)
+        x_t = self.scheduler.sample_prior(shape, generator=generator, device=self.device)
+        for t in tqdm(self.scheduler.timesteps, desc="TCSS sampling", unit="step", disable=not progress):
+            timesteps = torch.full((len(prompts),), int(t), device=self.device, dtype=torch.long)
+            logits = self.network(x_t, timesteps, text_features, text_mask)
+            x_t = self.scheduler.step(logits.float(), int(t), x_t, generator=generator)
+        return x_t.argmax(dim=1).cpu()
+
+
+def centred_affine(spatial_size: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """RAS affine with the given voxel size whose field of view is centred on the world origin.
+
+    A generated mask has no scanner position; centring keeps mask and CT of a pair aligned as long as
+    both use this convention with spacings covering the same field of view.
+    """
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = -0.5 * (np.asarray(spatial_size) - 1) * np.asarray(spacing, dtype=float)
+    return affine
+
+
+def save_masks(
+    masks: torch.Tensor,
+    prompts: Sequence[str],
+    output_dir: str | os.PathLike,
+    spacing: Sequence[float],
+    num_classes: int,
+    prefix: str = "sample",
+) -> list[Path]:
+    """Write generated masks as NIfTI (uint8, RAS, given spacing) with their prompt and a PNG preview.
+
+    Returns:
+        the mask files, ``<output_dir>/<prefix>_<k>/mask.nii.gz``.
+    """
+    output_dir = Path(output_dir)
+    written = []
+    for index, (mask, prompt) in enumerate(zip(masks.numpy().astype(np.uint8), prompts)):
+        folder = output_dir / f"{prefix}_{index:03d}"
+        path = save_nifti(mask, centred_affine(mask.shape, spacing), folder / "mask.nii.gz", np.uint8)
+        write_json({"prompt": prompt, "spacing_mm": list(map(float, spacing))}, folder / "prompt.json")
+        save_preview(render_preview(np.full(mask.shape, -1000, np.int16), mask, num_classes, tuple(spacing)), folder / "preview.png")
+        written.append(path)
+    return written
