@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import re
 import logging
 import logging.config
 import os
@@ -159,7 +160,7 @@ def test_pinned_versions_match_installed(name):
 
 
 def test_bundles_pin_the_same_versions():
-    keys = ("schema", "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version")
+    keys = ("schema", "monai_version", "pytorch_version", "numpy_version", "required_packages_version")
     first = _metadata(BUNDLES[0])
     for name in BUNDLES[1:]:
         meta = _metadata(name)
@@ -209,9 +210,13 @@ def test_logging_conf_parses(name):
 @pytest.mark.parametrize("name", BUNDLES)
 def test_readme_states_status_and_commands(name):
     readme = (_bundle(name) / "docs" / "README.md").read_text()
-    assert "## Status" in readme and STATUS_LINE in readme
+    assert "## Status" in readme
+    mentioned = set(re.findall(rf"bundles/{name}/(configs/[\w.]+\.(?:yaml|json))", readme))
+    missing = sorted(path for path in mentioned if not (_bundle(name) / path).is_file())
+    # A README may describe configs that are not built yet only while its status says so.
+    assert not missing or STATUS_LINE in readme, f"{name}: README names missing configs {missing}"
     assert f"python -m monai.bundle run training --config_file bundles/{name}/configs/train.yaml" in readme
-    assert f"python -m monai.bundle run --config_file bundles/{name}/configs/inference.yaml" in readme
+    assert f"--config_file bundles/{name}/configs/inference.yaml" in readme
     assert f"bundles/{name}/configs/multi_gpu_train.yaml" in readme
     assert f"bundles/{name}/configs/train_cpu.yaml" in readme
     assert "guidegen prepare --images_dir" in readme and "guidegen demo-data --output_dir demo" in readme

@@ -1,0 +1,167 @@
+"""TCSS bundle end to end on the demo data: train -> resume -> sample, MLflow record, DDP on 2 CPU processes,
+and the bad-input paths of inference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from helpers_tiny_text import make_tiny_text_encoder_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundles/guidegen_tcss/configs"
+TINY_ARCHITECTURE = {
+    "channels": [8, 16],
+    "num_res_blocks": 1,
+    "cross_attention_levels": [False, True],
+    "self_attention_levels": [False, True],
+    "num_head_channels": 8,
+    "norm_num_groups": 4,
+    "use_checkpointing": False,
+    "num_queries": 4,
+    "injection_dim": 16,
+    "injection_layers": 1,
+    "injection_heads": 2,
+}
+
+
+def run_bundle(run_id: str, configs: list[Path], *extra: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", run_id,
+               "--config_file", str([str(c) for c in configs]), *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd="/")
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from custom_components.data.demo import build_demo_dataset
+
+    root = tmp_path_factory.mktemp("tcss")
+    datalist = build_demo_dataset(root / "demo", num_phantoms=3, mask_size=16, image_size=16, progress=False)
+    text_dir = make_tiny_text_encoder_dir(root / "tiny_text")
+    tiny = {
+        "datalist": str(datalist),
+        "output_dir": str(root / "out"),
+        "ckpt_dir": str(root / "models"),
+        "mask_size": [16, 16, 16],
+        "max_epochs": 1,
+        "save_interval": 1,
+        "text_encoder_path": str(text_dir),
+        "architecture": TINY_ARCHITECTURE,
+    }
+    override = root / "tiny.yaml"
+    override.write_text(yaml.safe_dump(tiny))
+    return {"root": root, "override": override, "datalist": datalist, "text_dir": text_dir}
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", workspace["override"]]
+    first = run_bundle("training", configs)
+    assert first.returncode == 0, first.stderr[-4000:]
+    models = workspace["root"] / "models"
+    state = torch.load(models / "checkpoint_final.pt", weights_only=True)
+    resumed = run_bundle("training", configs, "--max_epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    return {"first": first, "resumed": resumed, "first_state": state, "models": models, "configs": configs}
+
+
+def test_training_writes_checkpoints_and_model(trained):
+    models = trained["models"]
+    assert (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
+    model = torch.load(models / "model.pt", weights_only=True)
+    assert model["info"]["stage"] == "tcss" and model["info"]["num_classes"] == 20
+    assert model["info"]["architecture"]["channels"] == [8, 16]
+    assert len(model["info"]["mask_spacing_mm"]) == 3
+
+
+def test_resume_continues_from_the_checkpoint(trained):
+    first = trained["first_state"]["trainer"]
+    assert first["iteration"] == first["epoch_length"] > 0  # one epoch
+    state = torch.load(trained["models"] / "checkpoint_final.pt", weights_only=True)["trainer"]
+    assert state["iteration"] == 2 * first["iteration"] and state["max_epochs"] == 2
+    assert "resuming from" in trained["resumed"].stderr + trained["resumed"].stdout
+
+
+def test_mlflow_run_has_params_metrics_and_model(trained, workspace):
+    from mlflow.tracking import MlflowClient
+
+    from monai.utils import path_to_sqlite_uri
+
+    client = MlflowClient(tracking_uri=path_to_sqlite_uri(str(workspace["root"] / "out/mlruns.db")))
+    experiment = client.get_experiment_by_name("guidegen_tcss")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # the first run and the resumed one
+    run = runs[-1]
+    assert run.data.params["lr"] == "0.0002" and run.data.params["num_classes"] == "20"
+    assert "train_loss" in run.data.metrics and np.isfinite(run.data.metrics["train_loss"])
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "model.pt" in artifacts
+
+
+def test_inference_writes_masks_with_affine(trained, workspace):
+    out = workspace["root"] / "samples"
+    prompts = ["The patient is a 60-year-old female. In this imaging, the patient's condition is described as no abnormality, with no tumor.",
+               "In this imaging, the patient's condition is described as renal cell carcinoma, with a tumor in the kidney."]
+    result = run_bundle("inference", [CONFIGS / "inference.yaml"], "--model_path", str(trained["models"] / "model.pt"),
+                        "--output_dir", str(out), "--num_inference_steps", "3", "--text_encoder_path", str(workspace["text_dir"]),
+                        "--prompts", json.dumps(prompts))
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = torch.load(trained["models"] / "model.pt", weights_only=True)["info"]
+    for index in range(2):
+        image = nib.load(str(out / f"sample_{index:03d}/mask.nii.gz"))
+        assert image.shape == (16, 16, 16) and image.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(image.header.get_zooms(), info["mask_spacing_mm"], rtol=1e-5)
+        assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        assert np.asarray(image.dataobj).max() < 20
+        assert json.loads((out / f"sample_{index:03d}/prompt.json").read_text())["prompt"] == prompts[index]
+        assert (out / f"sample_{index:03d}/preview.png").is_file()
+
+
+def test_inference_rejects_a_checkpoint_of_another_stage(trained, workspace, tmp_path):
+    model = torch.load(trained["models"] / "model.pt", weights_only=True)
+    model["info"]["stage"] = "ldm"
+    foreign = tmp_path / "ldm_model.pt"
+    torch.save(model, foreign)
+    result = run_bundle("inference", [CONFIGS / "inference.yaml"], "--model_path", str(foreign),
+                        "--output_dir", str(tmp_path / "o"), "--text_encoder_path", str(workspace["text_dir"]))
+    assert result.returncode != 0
+    assert "belongs to the 'ldm' stage, not 'tcss'" in result.stderr
+
+
+def test_inference_rejects_a_class_map_of_another_size(trained, workspace, tmp_path):
+    class_map = tmp_path / "three.json"
+    class_map.write_text(json.dumps({"classes": [{"name": "background"}, {"name": "liver"}, {"name": "tumor"}], "tumor_class": "tumor"}))
+    result = run_bundle("inference", [CONFIGS / "inference.yaml"], "--model_path", str(trained["models"] / "model.pt"),
+                        "--output_dir", str(tmp_path / "o"), "--text_encoder_path", str(workspace["text_dir"]),
+                        "--class_map_path", str(class_map))
+    assert result.returncode != 0
+    assert "trained with 20 classes" in result.stderr and "has 3" in result.stderr
+
+
+def test_two_process_gloo_training_keeps_ranks_identical(workspace, tmp_path):
+    override = yaml.safe_load(workspace["override"].read_text())
+    override.update(output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), save_rank_weights=True, resume=False)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(override))
+    configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", CONFIGS / "multi_gpu_train.yaml", config]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    result = run_bundle("training", configs, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-6000:]
+    rank0 = torch.load(tmp_path / "out/rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "out/rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert (tmp_path / "models/model.pt").is_file()
