@@ -165,3 +165,19 @@ def test_two_process_gloo_training_keeps_ranks_identical(workspace, tmp_path):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert (tmp_path / "models/model.pt").is_file()
+
+
+def test_tracking_mlflow_option_works(workspace, tmp_path):
+    """`python -m monai.bundle run ... --tracking mlflow` adds MONAI's default MLflow handler, which reads the
+    trainer's `loss` output."""
+    configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", workspace["override"]]
+    result = run_bundle("training", configs, "--tracking", "mlflow", "--output_dir", str(tmp_path / "out"),
+                        "--ckpt_dir", str(tmp_path / "models"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    from monai.utils import path_to_sqlite_uri
+
+    client = MlflowClient(tracking_uri=path_to_sqlite_uri(str(tmp_path / "out/mlruns.db")))
+    runs = client.search_runs([client.get_experiment_by_name("guidegen_tcss").experiment_id])
+    assert runs and "train_loss" in runs[0].data.metrics
