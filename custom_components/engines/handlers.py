@@ -11,11 +11,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.handlers import ProgressBar
+from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
 
 from custom_components.engines.checkpoints import latest_checkpoint
 
-__all__ = ["TrainingCheckpointSaver", "ResumeFromLatest"]
+__all__ = ["TrainingCheckpointSaver", "ResumeFromLatest", "TrainingProgressBar"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +75,18 @@ class ResumeFromLatest:
             return
         logger.info("resuming from %s", path)
         CheckpointLoader(load_path=path, load_dict={**self.load_dict, "trainer": engine}, map_location=self.map_location).attach(engine)
+
+
+class TrainingProgressBar:
+    """A tqdm progress bar over each epoch's iterations showing the current loss (Ignite's ProgressBar).
+
+    Args:
+        persist: keep each finished epoch's bar on screen.
+    """
+
+    def __init__(self, persist: bool = False) -> None:
+        self.persist = persist
+
+    def attach(self, engine: Any) -> None:
+        loss_of = from_engine(["loss"], first=True)
+        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda output: {"loss": float(loss_of(output))})

@@ -1,0 +1,100 @@
+"""The shared trainer pieces: gradient accumulation, EMA, checkpoint info, latest-checkpoint lookup."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from custom_components.engines import (
+    AccumulatingIteration,
+    CheckpointInfo,
+    GuideGenTrainer,
+    latest_checkpoint,
+    make_ema,
+)
+from custom_components.errors import GuideGenInputError
+
+
+class _MSEIteration(AccumulatingIteration):
+    def compute_loss(self, engine, batch):
+        prediction = engine.network(batch["x"].to(engine.state.device))
+        return torch.nn.functional.mse_loss(prediction, batch["y"]), {"sample": batch["x"][:, 0]}
+
+
+def _batches():
+    torch.manual_seed(0)
+    return [{"x": torch.randn(2, 3), "y": torch.randn(2, 1)} for _ in range(4)]
+
+
+def _train(accumulation_steps: int, ema_decay: float = 0.0):
+    torch.manual_seed(1)
+    network = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    steps = []
+    original_step = optimizer.step
+    optimizer.step = lambda *a, **k: (steps.append(1), original_step(*a, **k))[1]
+    ema = make_ema(network, ema_decay)
+    iteration = _MSEIteration(accumulation_steps=accumulation_steps, ema=ema)
+    trainer = GuideGenTrainer("cpu", 1, _batches(), network, optimizer, iteration)
+    trainer.run()
+    return network, len(steps), ema, trainer
+
+
+def test_accumulation_equals_one_step_on_the_mean_gradient():
+    network, steps, _, trainer = _train(accumulation_steps=4)
+    assert steps == 1
+    torch.manual_seed(1)
+    reference = torch.nn.Linear(3, 1)
+    loss = sum(torch.nn.functional.mse_loss(reference(b["x"]), b["y"]) for b in _batches()) / 4
+    loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    for got, expected in zip(network.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, expected)
+    assert isinstance(trainer.state.output, list) and "loss" in trainer.state.output[0]  # decollated for handlers
+
+
+def test_no_accumulation_steps_every_iteration():
+    _, steps, _, _ = _train(accumulation_steps=1)
+    assert steps == 4
+
+
+def test_ema_follows_the_weights():
+    network, _, ema, _ = _train(accumulation_steps=1, ema_decay=0.0)
+    for averaged, current in zip(ema.module.parameters(), network.parameters()):
+        torch.testing.assert_close(averaged, current)  # decay 0: the latest weights
+    network, _, ema, _ = _train(accumulation_steps=1, ema_decay=0.9)
+    assert any(not torch.allclose(a, c) for a, c in zip(ema.module.parameters(), network.parameters()))
+    with pytest.raises(GuideGenInputError, match="ema_decay"):
+        make_ema(network, 1.0)
+
+
+def test_bad_accumulation_steps():
+    with pytest.raises(GuideGenInputError, match="accumulation_steps = 0"):
+        _MSEIteration(accumulation_steps=0)
+
+
+def test_checkpoint_info_checks_stage_and_classes():
+    info = CheckpointInfo("tcss", 20, "guidegen_default")
+    info.load_state_dict(CheckpointInfo("tcss", 20, "guidegen_default", {"mask_size": [8, 8, 8]}).state_dict())
+    assert info.loaded["mask_size"] == [8, 8, 8]
+    with pytest.raises(GuideGenInputError, match="belongs to the 'autoencoder' stage but it is being loaded into the 'tcss'"):
+        info.load_state_dict(CheckpointInfo("autoencoder", 20).state_dict())
+    with pytest.raises(GuideGenInputError, match="trained with 25 classes"):
+        info.load_state_dict(CheckpointInfo("tcss", 25, "other").state_dict())
+    with pytest.raises(GuideGenInputError, match="unknown stage"):
+        CheckpointInfo("vae", 20)
+
+
+def test_latest_checkpoint_is_the_newest_file(tmp_path):
+    assert latest_checkpoint(tmp_path / "missing") is None
+    assert latest_checkpoint(tmp_path) is None
+    for index, name in enumerate(("checkpoint_epoch=2.pt", "checkpoint_final.pt", "checkpoint_epoch=3.pt")):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(time.time_ns(), 1_000_000_000 * (index + 1)))
+    (tmp_path / "model.pt").write_bytes(b"x")  # inference weights are not a training checkpoint
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=3.pt")
