@@ -98,3 +98,56 @@ def test_latest_checkpoint_is_the_newest_file(tmp_path):
         os.utime(tmp_path / name, ns=(time.time_ns(), 1_000_000_000 * (index + 1)))
     (tmp_path / "model.pt").write_bytes(b"x")  # inference weights are not a training checkpoint
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=3.pt")
+
+
+class _ZeroText(torch.nn.Module):
+    def forward(self, prompts):
+        return torch.zeros(len(prompts), 2, 4), torch.ones(len(prompts), 2, dtype=torch.bool)
+
+
+class _UniformLogits(torch.nn.Module):
+    """Predicts equal logits for every class whatever x_t is (a zero 1x1 convolution)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(num_classes, num_classes, 1)
+        torch.nn.init.zeros_(self.conv.weight)
+        torch.nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x, t, text_features, text_mask):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_tcss_iteration_loss_and_auxiliary_cross_entropy(weight):
+    import math
+
+    from custom_components.engines import TCSSIteration
+    from custom_components.schedulers import CategoricalDiffusionScheduler
+
+    num_classes = 3
+    scheduler = CategoricalDiffusionScheduler(num_train_timesteps=10, num_classes=num_classes)
+    network = _UniformLogits(num_classes)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
+    labels = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    batches = [{"label": labels, "text": ["a prompt"]}]
+    losses = {}
+    for w in (0.0, weight):
+        torch.manual_seed(3)
+        iteration = TCSSIteration(scheduler, _ZeroText(), aux_ce_weight=w)
+        trainer = GuideGenTrainer("cpu", 1, batches, network, optimizer, iteration)
+        trainer.run()
+        losses[w] = float(trainer.state.output[0]["loss"])
+    assert losses[0.0] > 0
+    assert losses[weight] - losses[0.0] == pytest.approx(weight * math.log(num_classes), rel=1e-5)
+    with pytest.raises(GuideGenInputError, match="labels? values? .*outside the 3 classes|aux_ce_weight"):
+        TCSSIteration(scheduler, _ZeroText(), aux_ce_weight=-1)
+
+
+def test_ema_warms_up_so_short_runs_do_not_sample_the_initialisation():
+    torch.manual_seed(1)
+    initial = [p.detach().clone() for p in torch.nn.Linear(3, 1).parameters()]
+    network, _, ema, _ = _train(accumulation_steps=1, ema_decay=0.9999)
+    to_final = sum((a - c).abs().sum() for a, c in zip(ema.module.parameters(), network.parameters()))
+    to_initial = sum((a - i).abs().sum() for a, i in zip(ema.module.parameters(), initial))
+    assert to_final < 0.5 * to_initial
