@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from custom_components.errors import GuideGenInputError
 __all__ = [
     "NIFTI_SUFFIXES",
     "strip_nifti_suffix",
+    "find_nifti",
+    "centred_affine",
     "load_nifti",
     "read_volume",
     "check_same_grid",
@@ -38,6 +40,26 @@ def strip_nifti_suffix(name: str) -> str | None:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def find_nifti(folder: Path, stem: str) -> Path | None:
+    """``<folder>/<stem>.nii.gz`` or ``<folder>/<stem>.nii``, whichever exists first; None when neither does."""
+    for suffix in NIFTI_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """RAS affine with the given voxel size whose field of view is centred on the world origin.
+
+    Volumes without a scanner position (phantoms, generated masks) use it, so a mask and a CT covering the
+    same field of view at different resolutions stay aligned.
+    """
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = -0.5 * (np.asarray(shape, dtype=np.float64) - 1.0) * np.asarray(spacing, dtype=np.float64)
+    return affine
 
 
 def load_nifti(path: str | os.PathLike, what: str) -> nib.Nifti1Image:

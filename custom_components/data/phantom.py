@@ -37,6 +37,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from custom_components.data.io import centred_affine
+
 __all__ = [
     "LABELS",
     "REFERENCE_FIELD_OF_VIEW_MM",
@@ -271,7 +273,7 @@ def generate_phantom(
     shape_t, spacing_t = _check_geometry(shape, spacing)
     tumor_request = _tumor_request(record)
     rng = np.random.default_rng(seed)
-    affine = _centred_affine(shape_t, spacing_t)
+    affine = centred_affine(shape_t, spacing_t)
     patient = _PatientModel.draw(record, rng)
     grid = _Grid.create(shape_t, spacing_t, patient.scale_for(shape_t, spacing_t))
     ctx = _Context(grid=grid, canvas=_Canvas.empty(shape_t), noise=_NoiseBank.draw(grid, rng), rng=rng, patient=patient)
@@ -338,12 +340,6 @@ def _as_number(value: Any, default: float) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
-    affine = np.diag([*spacing, 1.0]).astype(np.float64)
-    affine[:3, 3] = -(np.asarray(shape, dtype=np.float64) - 1.0) / 2.0 * np.asarray(spacing)
-    return affine
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from custom_components.data.class_map import ClassMap, load_class_map
 from custom_components.data.datalist import write_datalist
-from custom_components.data.io import check_same_grid, load_nifti, read_volume, save_nifti, strip_nifti_suffix, write_json
+from custom_components.data.io import check_same_grid, find_nifti, load_nifti, read_volume, save_nifti, strip_nifti_suffix, write_json
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.data.prompts import record_to_prompt
 from custom_components.data.records import load_records
@@ -293,15 +293,6 @@ def prepare_case(
     }
 
 
-def _find_tumor(tumors_dir: Path | None, case_id: str) -> Path | None:
-    if tumors_dir is None:
-        return None
-    for suffix in (".nii.gz", ".nii"):
-        if (tumors_dir / f"{case_id}{suffix}").is_file():
-            return tumors_dir / f"{case_id}{suffix}"
-    return None
-
-
 def _up_to_date(summary_path: Path, fingerprint: str, output_dir: Path) -> dict[str, Any] | None:
     try:
         summary = json.loads(summary_path.read_text())
@@ -366,7 +357,7 @@ def prepare_dataset(
             segmentation_path = find_segmentation(segmentations_dir, case_id)
             if segmentation_path is None:
                 raise CaseError(case_id, f"no segmentation: expected {segmentations_dir / (case_id + '.nii.gz')} or folder {segmentations_dir / case_id}/")
-            tumor_path = _find_tumor(tumors_dir, case_id)
+            tumor_path = None if tumors_dir is None else find_nifti(tumors_dir, case_id)
             record = record_table[case_id]
             inputs = [images[case_id], *_segmentation_files(segmentation_path), tumor_path]
             fingerprint = _fingerprint(inputs, record, settings, class_map)

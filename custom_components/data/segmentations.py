@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from custom_components.data.class_map import ClassMap, guess_source_map_from_names, resolve_source_map_name
-from custom_components.data.io import NIFTI_SUFFIXES, check_same_grid, load_nifti, read_volume, strip_nifti_suffix
+from custom_components.data.io import check_same_grid, find_nifti, load_nifti, read_volume, strip_nifti_suffix
 from custom_components.errors import CaseError, GuideGenInputError
 
 __all__ = ["SourceSegmentation", "find_segmentation", "read_label_table", "load_source_segmentation", "map_to_classes"]
@@ -48,10 +48,9 @@ class SourceSegmentation:
 def find_segmentation(segmentations_dir: Path, case_id: str) -> Path | None:
     """Where a case's segmentation lies: ``<id>.nii.gz``/``<id>.nii`` or a per-structure folder ``<id>/``
     (or ``<id>/segmentations/``, as TotalSegmentator names it); None when absent."""
-    for suffix in NIFTI_SUFFIXES:
-        candidate = segmentations_dir / f"{case_id}{suffix}"
-        if candidate.is_file():
-            return candidate
+    multilabel = find_nifti(segmentations_dir, case_id)
+    if multilabel is not None:
+        return multilabel
     folder = segmentations_dir / case_id
     if (folder / "segmentations").is_dir():
         return folder / "segmentations"

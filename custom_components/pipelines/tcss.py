@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from custom_components.data.io import save_nifti, write_json
+from custom_components.data.io import centred_affine, save_nifti, write_json
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["TCSSPipeline", "centred_affine", "save_masks"]
+__all__ = ["TCSSPipeline", "save_masks"]
 
 
 class TCSSPipeline:
@@ -75,17 +75,6 @@ class TCSSPipeline:
             logits = self.network(x_t, timesteps, text_features, text_mask)
             x_t = self.scheduler.step(logits.float(), int(t), x_t, generator=generator)
         return x_t.argmax(dim=1).cpu()
-
-
-def centred_affine(spatial_size: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
-    """RAS affine with the given voxel size whose field of view is centred on the world origin.
-
-    A generated mask has no scanner position; centring keeps mask and CT of a pair aligned as long as
-    both use this convention with spacings covering the same field of view.
-    """
-    affine = np.diag([*map(float, spacing), 1.0])
-    affine[:3, 3] = -0.5 * (np.asarray(spatial_size) - 1) * np.asarray(spacing, dtype=float)
-    return affine
 
 
 def save_masks(
