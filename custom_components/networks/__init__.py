@@ -1,9 +1,11 @@
 """Networks of GuideGen: the text encoder, the knowledge-injection module (paper Fig. 1d) and the
 cross-attention 3D U-Net they condition."""
 
+from .autoencoder import MaskGuidedAutoencoder, VoxelNorm
 from .factory import build_text_conditioned_unet
 from .knowledge_injection import KnowledgeInjection
 from .text_encoder import TextEncoder, default_text_encoder_path
+from .tiling import tiled_decode, tiled_encode
 from .unet import CrossAttentionUNet3D, TextConditionedUNet
 
 __all__ = [
@@ -13,4 +15,8 @@ __all__ = [
     "default_text_encoder_path",
     "CrossAttentionUNet3D",
     "TextConditionedUNet",
+    "MaskGuidedAutoencoder",
+    "VoxelNorm",
+    "tiled_decode",
+    "tiled_encode",
 ]
