@@ -1,0 +1,24 @@
+"""Losses of GuideGen's CT autoencoder (paper Eq. 7-8): the learnable HDR window, the frozen LPIPS perceptual
+loss on slices, slice sampling and the KL term, and the frame/volume adversarial terms."""
+
+from .adversarial import (
+    AdversarialTerms,
+    build_frame_discriminator,
+    build_volume_discriminator,
+    discriminator_min_size,
+)
+from .frames import kl_divergence, sample_frames
+from .hdr_window import HDRWindow
+from .perceptual import SlicePerceptualLoss, default_vgg_weights_path
+
+__all__ = [
+    "AdversarialTerms",
+    "build_frame_discriminator",
+    "build_volume_discriminator",
+    "discriminator_min_size",
+    "kl_divergence",
+    "sample_frames",
+    "HDRWindow",
+    "SlicePerceptualLoss",
+    "default_vgg_weights_path",
+]
