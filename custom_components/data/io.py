@@ -26,6 +26,7 @@ __all__ = [
     "load_nifti",
     "read_volume",
     "check_same_grid",
+    "check_same_field_of_view",
     "atomic_write",
     "save_nifti",
     "write_json",
@@ -139,6 +140,33 @@ def check_same_grid(
             f"{what}: the affine of {other.get_filename()} differs from {reference.get_filename()} "
             f"(max difference {np.abs(reference.affine - other.affine).max():.4g} mm); they must share "
             f"orientation, spacing and origin.\n{np.round(other.affine, 4)}\nvs\n{np.round(reference.affine, 4)}"
+        )
+
+
+def _world_corners(image: nib.Nifti1Image) -> np.ndarray:
+    """World coordinates (mm) of the outer corners of the volume's first and last voxels."""
+    shape = np.asarray(image.shape[:3], dtype=np.float64)
+    corners = np.array([[-0.5, -0.5, -0.5], shape - 0.5])
+    return nib.affines.apply_affine(image.affine, corners)
+
+
+def check_same_field_of_view(reference: nib.Nifti1Image, other: nib.Nifti1Image, what: str) -> None:
+    """Require two images to cover the same box in world space, possibly at different resolutions.
+
+    GuideGen keeps masks coarser than CTs (paper: 128³ masks, 256³ CTs), so a mask need not share the CT's voxel
+    grid, but it must describe the same body: the outer corners may differ by at most one voxel of the
+    coarser image.
+
+    Raises:
+        GuideGenInputError: naming both files, shapes and the corner mismatch in mm.
+    """
+    tolerance = max(max(nib.affines.voxel_sizes(reference.affine)), max(nib.affines.voxel_sizes(other.affine)))
+    difference = float(np.abs(_world_corners(reference) - _world_corners(other)).max())
+    if difference > tolerance + 1e-3:
+        raise GuideGenInputError(
+            f"{what}: {other.get_filename()} (shape {other.shape[:3]}) and {reference.get_filename()} (shape "
+            f"{reference.shape[:3]}) do not cover the same field of view (corners differ by {difference:.1f} mm, "
+            f"more than one voxel, {tolerance:.1f} mm); pass the mask that belongs to this CT, or resample it onto the CT"
         )
 
 

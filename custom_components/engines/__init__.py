@@ -2,7 +2,16 @@
 
 from .checkpoints import STAGES, CheckpointInfo, latest_checkpoint, load_model_weights, read_checkpoint_info, read_model_file
 from .handlers import ResumeFromLatest, TrainingCheckpointSaver, TrainingProgressBar
-from .distributed import cleanup_distributed, init_distributed, is_rank0, local_device, save_rank_weights
+from .distributed import (
+    average_gradients,
+    broadcast_parameters,
+    cleanup_distributed,
+    init_distributed,
+    is_rank0,
+    local_device,
+    save_rank_weights,
+)
+from .gan import LOGGED_TERMS, AutoencoderGANIteration, loss_terms
 from .iterations import AccumulatingIteration, TCSSIteration, make_ema
 from .trainer import GuideGenTrainer
 
@@ -13,12 +22,17 @@ __all__ = [
     "load_model_weights",
     "read_checkpoint_info",
     "read_model_file",
+    "average_gradients",
+    "broadcast_parameters",
     "cleanup_distributed",
     "init_distributed",
     "is_rank0",
     "local_device",
     "save_rank_weights",
     "AccumulatingIteration",
+    "AutoencoderGANIteration",
+    "LOGGED_TERMS",
+    "loss_terms",
     "TCSSIteration",
     "make_ema",
     "GuideGenTrainer",

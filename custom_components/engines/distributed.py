@@ -7,13 +7,22 @@ The bundles' ``multi_gpu_train.yaml`` calls :func:`init_distributed` before buil
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import ignite.distributed as idist
 
-__all__ = ["init_distributed", "local_device", "is_rank0", "save_rank_weights", "cleanup_distributed"]
+__all__ = [
+    "init_distributed",
+    "local_device",
+    "is_rank0",
+    "save_rank_weights",
+    "cleanup_distributed",
+    "broadcast_parameters",
+    "average_gradients",
+]
 
 
 def init_distributed(backend: str | None = None) -> str:
@@ -66,6 +75,40 @@ def save_rank_weights(network: torch.nn.Module, directory: str | os.PathLike) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(module.state_dict(), str(path))
     return path
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def broadcast_parameters(modules: Sequence[torch.nn.Module]) -> None:
+    """Copy rank 0's parameters and buffers to every rank (no-op in a single process).
+
+    For modules trained outside DDP (GAN discriminators, the HDR window's k and b): each rank seeds
+    differently, so without this they would start from different weights.
+    """
+    if not _distributed():
+        return
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(modules: Sequence[torch.nn.Module]) -> None:
+    """Average the gradients of modules kept outside DDP across ranks (no-op in a single process).
+
+    A discriminator scored several times per step (one call per slicing axis) cannot be wrapped in DDP, whose
+    hooks expect one forward per backward; averaging by hand before the optimiser step is equivalent.
+    """
+    if not _distributed():
+        return
+    world_size = dist.get_world_size()
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+                parameter.grad.div_(world_size)
 
 
 def cleanup_distributed() -> None:

@@ -12,7 +12,7 @@ sampled timesteps).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import convert_to_tensor
 from torch.optim.swa_utils import AveragedModel
 
+from custom_components.engines.distributed import average_gradients, broadcast_parameters
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["make_ema", "AccumulatingIteration", "TCSSIteration"]
@@ -63,22 +64,40 @@ class AccumulatingIteration:
         accumulation_steps: optimiser step every this many iterations (effective batch = batch x steps).
         max_grad_norm: clip the gradient norm to this value before each step (None: no clipping).
         ema: EMA model from :func:`make_ema`, updated after each optimiser step.
+        synchronized_modules: modules optimised with the network but not wrapped in DDP (e.g. the HDR window's
+            k, b); under DDP their weights are broadcast from rank 0 at the first step and their gradients
+            averaged before every optimiser step.
     """
 
-    def __init__(self, accumulation_steps: int = 1, max_grad_norm: float | None = None, ema: AveragedModel | None = None) -> None:
+    def __init__(
+        self,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        ema: AveragedModel | None = None,
+        synchronized_modules: Sequence[torch.nn.Module] = (),
+    ) -> None:
         if accumulation_steps < 1:
             raise GuideGenInputError(f"accumulation_steps = {accumulation_steps} must be >= 1")
         self.accumulation_steps = int(accumulation_steps)
         self.max_grad_norm = max_grad_norm
         self.ema = ema
+        self.synchronized_modules = list(synchronized_modules)
+        self._broadcast_done = False
 
     def compute_loss(self, engine: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward pass of one batch; returns the scalar loss and per-sample outputs (batch-first tensors)."""
         raise NotImplementedError
 
+    def after_step(self, engine: Any) -> dict[str, Any]:
+        """Work after the network's update (e.g. a discriminator step); returns extra per-sample outputs."""
+        return {}
+
     def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
         network, optimizer = engine.network, engine.optimizer
         network.train()
+        if not self._broadcast_done:
+            broadcast_parameters(self.synchronized_modules)
+            self._broadcast_done = True
         position = (engine.state.iteration - 1) % self.accumulation_steps
         last_micro_step = position == self.accumulation_steps - 1
         if position == 0:
@@ -92,6 +111,7 @@ class AccumulatingIteration:
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if last_micro_step:
+            average_gradients(self.synchronized_modules)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if self.max_grad_norm is not None:
@@ -105,6 +125,7 @@ class AccumulatingIteration:
                 self.ema.update_parameters(network.module if hasattr(network, "module") else network)
         # MONAI's handlers (decollation, StatsHandler, MLflow) act on engine.state.output at MODEL_COMPLETED,
         # which fires inside the iteration, so the output must be in place before it.
+        outputs.update(self.after_step(engine))
         engine.state.output = {"loss": loss.detach(), **outputs}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
