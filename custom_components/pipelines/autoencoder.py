@@ -1,0 +1,286 @@
+"""Stage 2 pipeline: CT (HU) + mask <-> latent with the anatomy-aware HDR autoencoder, and reconstruction checks.
+
+The network works on intensities scaled from the full CT range (:data:`~custom_components.data.intensity.HU_MIN`
+.. ``HU_MAX``) to [-1, 1]; this module converts at its edges, pads volumes to a multiple of the network's
+downsampling factor, and encodes/decodes tile by tile (:func:`~custom_components.networks.tiled_encode`,
+:func:`~custom_components.networks.tiled_decode`) so that 256³ and 512³ volumes fit a fixed memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from custom_components.data.intensity import CT_WINDOWS, HU_MIN, hu_to_unit, unit_to_hu, windowed_psnr
+from custom_components.data.io import atomic_write, check_same_field_of_view, load_nifti, read_volume, save_nifti, write_json
+from custom_components.data.preview import render_preview, save_preview
+from custom_components.errors import CaseError, GuideGenInputError
+from custom_components.networks import tiled_decode, tiled_encode
+
+__all__ = [
+    "AutoencoderPipeline",
+    "reconstruct_cases",
+    "reconstruction_metrics",
+    "latent_affine",
+    "image_affine",
+    "encode_file",
+    "decode_file",
+]
+
+
+class AutoencoderPipeline:
+    """Encode CTs to latents and decode latents to CTs, in Hounsfield units, tile by tile.
+
+    Args:
+        network: a :class:`~custom_components.networks.MaskGuidedAutoencoder` (weights loaded).
+        device: where to run.
+        encode_tile: encoder tile edge in image voxels (rounded down to a multiple of the downsampling factor).
+        decode_tile: decoder tile edge in latent voxels.
+        progress: show progress bars over tiles.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        encode_tile: int = 128,
+        decode_tile: int = 32,
+        progress: bool = False,
+    ) -> None:
+        self.network = network.to(device).eval()
+        self.device = torch.device(device)
+        self.encode_tile = int(encode_tile)
+        self.decode_tile = int(decode_tile)
+        self.progress = progress
+
+    @property
+    def factor(self) -> int:
+        """Downsampling factor between image and latent grids."""
+        return int(self.network.downsample_factor)
+
+    def _mask(self, mask: torch.Tensor | np.ndarray | None, batch: int) -> torch.Tensor | None:
+        if not getattr(self.network, "num_classes", 0):
+            return None
+        if mask is None:
+            raise GuideGenInputError("this autoencoder was trained with masks (num_classes > 0): pass the label volume")
+        mask = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask)
+        while mask.ndim < 5:
+            mask = mask.unsqueeze(0)
+        if mask.shape[0] != batch:
+            raise GuideGenInputError(f"{mask.shape[0]} masks for {batch} volumes; pass one mask per volume")
+        return mask.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, image_hu: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Latent means of CT volumes.
+
+        Args:
+            image_hu: (X, Y, Z) or (B, 1, X, Y, Z) CT in HU; each edge must be a multiple of :attr:`factor`
+                (see :meth:`reconstruct` for padding).
+            mask: class volume(s) over the same field of view, any resolution (None for mask-free networks).
+
+        Returns:
+            (B, latent_channels, X/f, Y/f, Z/f) latent means.
+        """
+        image = torch.as_tensor(np.asarray(image_hu) if isinstance(image_hu, np.ndarray) else image_hu).float()
+        while image.ndim < 5:
+            image = image.unsqueeze(0)
+        image = hu_to_unit(image.to(self.device))
+        z_mu, _ = tiled_encode(self.network, image, self._mask(mask, image.shape[0]), tile_size=self.encode_tile, progress=self.progress)
+        return z_mu
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, mask: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """CT volumes (HU, float) from latents.
+
+        Args:
+            latent: (B, latent_channels, *latent_size).
+            mask: class volume(s) over the same field of view, any resolution.
+
+        Returns:
+            (B, 1, *latent_size × f) CT in HU on the CPU.
+        """
+        latent = latent.to(self.device).float()
+        decoded = tiled_decode(self.network, latent, self._mask(mask, latent.shape[0]), tile_size=self.decode_tile, progress=self.progress)
+        return unit_to_hu(decoded.clamp(-1, 1)).cpu()
+
+    def reconstruct(self, image_hu: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Encode and decode one CT; volumes whose edges are not multiples of f are padded (air) and cropped back.
+
+        Args:
+            image_hu: (X, Y, Z) CT in HU.
+            mask: (X', Y', Z') class volume over the same field of view, or None.
+
+        Returns:
+            (X, Y, Z) float32 reconstruction in HU.
+        """
+        shape = image_hu.shape
+        padded_shape = [-(-n // self.factor) * self.factor for n in shape]
+        pad = [(0, p - n) for n, p in zip(shape, padded_shape)]
+        padded = np.pad(image_hu.astype(np.float32), pad, constant_values=HU_MIN)
+        mask_tensor = None
+        if mask is not None and getattr(self.network, "num_classes", 0):
+            # Bring the mask onto the padded CT grid so that padding does not shift its field of view.
+            on_grid = F.interpolate(torch.as_tensor(mask.astype(np.float32))[None, None], size=shape, mode="nearest")
+            mask_tensor = F.pad(on_grid, [v for p in reversed(pad) for v in p])
+        latent = self.encode(padded, mask_tensor)
+        decoded = self.decode(latent, mask_tensor)[0, 0].numpy()
+        return decoded[: shape[0], : shape[1], : shape[2]]
+
+
+def latent_affine(affine: np.ndarray, factor: int) -> np.ndarray:
+    """Voxel-to-world matrix of the latent grid: each latent voxel covers a block of ``factor``³ image voxels,
+    centred on the block."""
+    result = np.array(affine, dtype=np.float64)
+    result[:3, 3] = nib.affines.apply_affine(affine, [(factor - 1) / 2.0] * 3)
+    result[:3, :3] = affine[:3, :3] * factor
+    return result
+
+
+def image_affine(latent: np.ndarray, factor: int) -> np.ndarray:
+    """Inverse of :func:`latent_affine`: the image grid's matrix from the latent grid's."""
+    result = np.array(latent, dtype=np.float64)
+    result[:3, :3] = latent[:3, :3] / factor
+    result[:3, 3] = latent[:3, 3] - result[:3, :3] @ np.full(3, (factor - 1) / 2.0)
+    return result
+
+
+def _read_mask(path: str | os.PathLike | None, reference: nib.Nifti1Image, what: str) -> np.ndarray | None:
+    if path is None:
+        return None
+    mask_nii = load_nifti(path, f"mask for {what}")
+    check_same_field_of_view(reference, mask_nii, what)
+    return read_volume(mask_nii, f"mask for {what}", dtype=np.int64)
+
+
+def encode_file(
+    pipeline: AutoencoderPipeline, image_path: str | os.PathLike, mask_path: str | os.PathLike | None, output_path: str | os.PathLike
+) -> Path:
+    """Encode a CT NIfTI (HU) to a latent NIfTI (X/f, Y/f, Z/f, C; float32; affine of the latent grid).
+
+    A CT whose edges are not multiples of f is padded with air at the far end first, so the latent covers the
+    padded box and :func:`decode_file` returns the padded grid.
+    """
+    image_nii = load_nifti(image_path, "CT to encode")
+    image = read_volume(image_nii, "CT to encode", check_finite=True)
+    mask = _read_mask(mask_path, image_nii, f"CT {image_path}")
+    f = pipeline.factor
+    padded_shape = [-(-n // f) * f for n in image.shape]
+    padded = np.pad(image, [(0, p - n) for n, p in zip(image.shape, padded_shape)], constant_values=HU_MIN)
+    mask_tensor = None
+    if mask is not None:
+        mask_tensor = F.interpolate(torch.as_tensor(mask.astype(np.float32))[None, None], size=image.shape, mode="nearest")
+        mask_tensor = F.pad(mask_tensor, [v for n, p in zip(reversed(image.shape), reversed(padded_shape)) for v in (0, p - n)])
+    latent = pipeline.encode(padded, mask_tensor)[0].cpu().numpy()
+    latent_image = nib.Nifti1Image(np.moveaxis(latent, 0, -1).astype(np.float32), latent_affine(image_nii.affine, f))
+    return atomic_write(output_path, lambda temporary: nib.save(latent_image, str(temporary)))
+
+
+def decode_file(
+    pipeline: AutoencoderPipeline, latent_path: str | os.PathLike, mask_path: str | os.PathLike | None, output_path: str | os.PathLike
+) -> Path:
+    """Decode a latent NIfTI (from :func:`encode_file` or the latent generator) to a CT NIfTI (int16 HU)."""
+    latent_nii = load_nifti(latent_path, "latent to decode")
+    if latent_nii.ndim != 4:
+        raise GuideGenInputError(f"latent {latent_path} has shape {latent_nii.shape}; expected (X, Y, Z, channels)")
+    latent = torch.as_tensor(np.moveaxis(np.asarray(latent_nii.dataobj, dtype=np.float32), -1, 0))[None]
+    affine = image_affine(latent_nii.affine, pipeline.factor)
+    mask = None
+    if mask_path is not None:
+        grid = nib.Nifti1Image(np.zeros([n * pipeline.factor for n in latent.shape[2:]], np.uint8), affine)
+        mask = _read_mask(mask_path, grid, f"latent {latent_path}")
+    decoded = pipeline.decode(latent, mask)[0, 0].numpy()
+    return save_nifti(np.rint(decoded), affine, output_path, np.int16)
+
+
+def reconstruction_metrics(reference_hu: np.ndarray, reconstruction_hu: np.ndarray, windows: Mapping[str, Sequence[float]] = CT_WINDOWS) -> dict[str, float]:
+    """PSNR in each CT window and the mean absolute error in HU over the whole volume.
+
+    Returns:
+        ``{"psnr_<window>": dB, ..., "mae_hu": value}``.
+    """
+    metrics = {f"psnr_{name}": windowed_psnr(reference_hu, reconstruction_hu, tuple(window)) for name, window in windows.items()}
+    metrics["mae_hu"] = float(np.abs(reference_hu.astype(np.float64) - reconstruction_hu).mean())
+    return metrics
+
+
+def _side_by_side(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height + 4))
+    canvas.paste(top, (0, 0))
+    canvas.paste(bottom, (0, top.height + 4))
+    return canvas
+
+
+def reconstruct_cases(
+    pipeline: AutoencoderPipeline,
+    items: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    num_classes: int,
+    windows: Mapping[str, Sequence[float]] = CT_WINDOWS,
+) -> dict[str, Any]:
+    """Reconstruct CTs through the autoencoder, write them with metrics and previews.
+
+    For every item ``{"case_id", "image", "label"}`` writes ``<output_dir>/<case_id>/reconstruction.nii.gz``
+    (int16 HU, the CT's affine), ``metrics.json`` and ``preview.png`` (original above reconstruction, mask
+    overlaid); then ``<output_dir>/metrics.json`` (per case and mean) and ``metrics.md`` (a table).
+    A case that cannot be read is reported in the summary and the others still run.
+
+    Args:
+        pipeline: the autoencoder pipeline.
+        items: datalist entries with absolute ``image`` and ``label`` paths.
+        output_dir: destination folder.
+        num_classes: for the preview colours.
+        windows: ``{name: (low, high)}`` HU windows for PSNR.
+
+    Returns:
+        the summary written to ``metrics.json``.
+
+    Raises:
+        GuideGenInputError: no items.
+    """
+    if not items:
+        raise GuideGenInputError("no cases to reconstruct: the datalist split is empty")
+    output_dir = Path(output_dir)
+    per_case: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
+    for item in tqdm(items, desc="reconstructing", unit="case"):
+        case_id = str(item.get("case_id") or Path(str(item["image"])).name.split(".")[0])
+        try:
+            image_nii = load_nifti(item["image"], f"CT of case '{case_id}'")
+            image = read_volume(image_nii, f"CT of case '{case_id}'", check_finite=True)
+            mask = None
+            if item.get("label"):
+                mask_nii = load_nifti(item["label"], f"mask of case '{case_id}'")
+                check_same_field_of_view(image_nii, mask_nii, f"case '{case_id}'")
+                mask = read_volume(mask_nii, f"mask of case '{case_id}'", dtype=np.int64)
+            reconstruction = pipeline.reconstruct(image, mask)
+        except GuideGenInputError as err:
+            failed[case_id] = str(CaseError(case_id, str(err)))
+            continue
+        folder = output_dir / case_id
+        save_nifti(np.rint(reconstruction), image_nii.affine, folder / "reconstruction.nii.gz", np.int16)
+        metrics = reconstruction_metrics(image, reconstruction, windows)
+        write_json(metrics, folder / "metrics.json")
+        spacing = tuple(float(v) for v in image_nii.header.get_zooms()[:3])
+        preview = _side_by_side(render_preview(image, mask, num_classes, spacing), render_preview(reconstruction, mask, num_classes, spacing))
+        save_preview(preview, folder / "preview.png")
+        per_case[case_id] = metrics
+    names = sorted({name for metrics in per_case.values() for name in metrics})
+    mean = {name: float(np.mean([m[name] for m in per_case.values()])) for name in names} if per_case else {}
+    summary = {"cases": per_case, "mean": mean, "failed": failed, "windows_hu": {k: list(v) for k, v in windows.items()}}
+    write_json(summary, output_dir / "metrics.json")
+    lines = ["| case | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    lines += [f"| {case} | " + " | ".join(f"{m[n]:.2f}" for n in names) + " |" for case, m in per_case.items()]
+    if per_case:
+        lines.append("| **mean** | " + " | ".join(f"{mean[n]:.2f}" for n in names) + " |")
+    (output_dir / "metrics.md").write_text("\n".join(lines) + "\n" + "".join(f"\nfailed: {msg}" for msg in failed.values()))
+    return summary
