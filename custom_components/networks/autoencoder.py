@@ -345,10 +345,37 @@ class _Decoder(nn.Module):
         Returns:
             (B, out_channels, *latent_size * f) image.
         """
+        return self.tail(self.head(z, labels, run), labels, run)
+
+    def head(self, z: Tensor, labels: Sequence[Tensor] | None, run: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+        """The part of the decoder that runs at the latent resolution: ``conv_in``, then the lowest level's mask
+        fusion and residual blocks (not its upsampling).
+
+        Split out because it is cheap per voxel but widens the receptive field most (in latent voxels): tiled
+        decoding runs it on its own with a small halo, then runs :meth:`tail` with a halo of the tail's radius only.
+
+        Returns:
+            (B, channels[-1], *latent_size) features.
+        """
         h = self.conv_in(z)
+        lowest = self.levels[0]
+        if lowest.fuse is not None and labels is not None:
+            h = lowest.fuse(torch.cat([h, _one_hot(labels[-1], self.num_classes, h.dtype)], dim=1))
+        for block in lowest.res_blocks:
+            h = run(block, h)
+        return h
+
+    def tail(self, h: Tensor, labels: Sequence[Tensor] | None, run: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+        """The rest of the decoder after :meth:`head`: upsampling, the finer levels and the output convolution.
+
+        Returns:
+            (B, out_channels, *latent_size * f) image.
+        """
+        if self.levels[0].resample is not None:
+            h = self.levels[0].resample(h)
         n = len(self.levels)
-        for i, level in enumerate(self.levels):
-            h = level(h, None if labels is None else labels[n - 1 - i], self.num_classes, run)
+        for i in range(1, n):
+            h = self.levels[i](h, None if labels is None else labels[n - 1 - i], self.num_classes, run)
         out: Tensor = self.conv_out(F.silu(self.norm_out(h)))
         return out
 
@@ -540,14 +567,30 @@ class MaskGuidedAutoencoder(nn.Module):
         The sum is rounded up and a margin of one latent voxel is added, which also covers where an output voxel
         lies inside its latent voxel and the rounding of nearest-neighbour upsampling.
         """
+        return self._decoder_radius(include_head=True)
+
+    @property
+    def decoder_tail_receptive_radius(self) -> int:
+        """Like :attr:`decoder_receptive_radius`, for the decoder after its latent-resolution head (see
+        ``_Decoder.head``), in latent voxels: the halo tiled decoding needs for the expensive fine levels."""
+        return self._decoder_radius(include_head=False)
+
+    @property
+    def decoder_head_receptive_radius(self) -> int:
+        """The latent voxels of context the decoder's latent-resolution head needs (its convolutions + 1)."""
+        n_blocks = self.num_res_blocks[-1]
+        return 2 * n_blocks + int(self.num_classes > 0) + 1 + 1
+
+    def _decoder_radius(self, include_head: bool) -> int:
         total = 0.0
         last = self.num_levels - 1
         for level, n_blocks in enumerate(self.num_res_blocks):
+            if level == last and not include_head:
+                continue
             convs = 2 * n_blocks + int(self.num_classes > 0)
             convs += 1  # conv_in at the latent level, otherwise the post-conv of the upsampling into this level
-            if level == 0:
-                convs += 1  # conv_out
             total += convs / 2 ** (last - level)
+        total += 1 / 2**last  # conv_out, at full resolution
         return int(math.ceil(total)) + 1
 
     # ------------------------------------------------------------------ masks

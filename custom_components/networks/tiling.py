@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -84,6 +84,45 @@ def _network_placement(autoencoder: MaskGuidedAutoencoder) -> tuple[torch.device
     return param.device, param.dtype
 
 
+def _label_levels(labels: Tensor | None, num_levels: int) -> list[Tensor] | None:
+    """Per-level class indices of a full-resolution label crop that starts on a multiple of ``2**(num_levels-1)``."""
+    if labels is None:
+        return None
+    return [labels[(...,) + (slice(None, None, 2**i),) * _SPATIAL_DIMS] for i in range(num_levels)]
+
+
+def _tiled_pass(
+    step: Callable[[Tensor, list[Tensor] | None], Tensor],
+    source: Tensor,
+    labels: Tensor | None,
+    num_levels: int,
+    factor: int,
+    out_channels: int,
+    tile: Sequence[int],
+    halo: int,
+    placement: tuple[torch.device, torch.dtype],
+    desc: str,
+    progress: bool,
+) -> Tensor:
+    """Run ``step(crop, label_levels)`` over halo-enlarged crops of ``source`` (latent grid) and keep each inner part.
+
+    ``step`` maps a latent-grid crop to an output ``factor`` times finer; ``labels`` are full-resolution class
+    indices, cropped at the matching image-space window.
+    """
+    device, dtype = placement
+    size = tuple(source.shape[2:])
+    out = torch.empty((source.shape[0], out_channels, *(n * factor for n in size)), dtype=dtype, device=source.device)
+    label_factor = 2 ** (num_levels - 1)
+    for target, crop, inner in tqdm(_windows(size, tile, halo), desc=desc, disable=not progress):
+        part = source[(slice(None), slice(None), *crop)].to(device=device, dtype=dtype)
+        label_crop = None if labels is None else labels[(slice(None), slice(None), *_scaled(crop, label_factor))].to(device)
+        result = step(part, _label_levels(label_crop, num_levels))
+        out[(slice(None), slice(None), *_scaled(target, factor))] = result[
+            (slice(None), slice(None), *_scaled(inner, factor))
+        ].to(out.device)
+    return out
+
+
 def tiled_decode(
     autoencoder: MaskGuidedAutoencoder,
     z: Tensor,
@@ -92,7 +131,14 @@ def tiled_decode(
     halo: int | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """``autoencoder.decode(z, mask)`` computed tile by tile, under ``torch.no_grad()``.
+    """``autoencoder.decode(z, mask)`` computed tile by tile, under ``torch.no_grad()``, in two passes.
+
+    Pass 1 runs the decoder's latent-resolution head (``conv_in`` and the lowest level's blocks; cheap per voxel
+    but the widest receptive field in latent voxels) tile by tile with its own small halo and keeps its output for
+    the whole latent grid (``channels[-1]`` maps at latent size). Pass 2 runs the expensive finer levels on tiles
+    of that output with the halo of those levels only
+    (:attr:`~MaskGuidedAutoencoder.decoder_tail_receptive_radius`), about half the halo of one pass, so tiles
+    recompute much less of their neighbours.
 
     Args:
         autoencoder: the autoencoder (its mode is left as is; it has no dropout or batch statistics).
@@ -100,9 +146,9 @@ def tiled_decode(
         mask: (B, 1, *any_size) class indices over the field of view, ``None`` iff ``num_classes == 0``.
         tile_size: output tile edge in *latent* voxels (one int, or one per axis); the last tile of an axis may be
             smaller.
-        halo: latent voxels of context added on each side of a tile; default
-            :attr:`~MaskGuidedAutoencoder.decoder_receptive_radius`, which makes the result exact for
-            ``norm="voxel"``.
+        halo: latent voxels of context for the pass-2 tiles; default
+            :attr:`~MaskGuidedAutoencoder.decoder_tail_receptive_radius`, which makes the result exact for
+            ``norm="voxel"`` (pass 1 always uses its exact halo).
         progress: show a tqdm progress bar over the tiles.
 
     Returns:
@@ -116,24 +162,30 @@ def tiled_decode(
     latent_size = tuple(z.shape[2:])
     full_size = tuple(s * f for s in latent_size)
     tile = tuple(min(t, n) for t, n in zip(_tile_sizes(tile_size, "tile_size"), latent_size))
-    halo = _check_halo(autoencoder.decoder_receptive_radius if halo is None else halo, "halo")
+    halo = _check_halo(autoencoder.decoder_tail_receptive_radius if halo is None else halo, "halo")
     # Resampled once to the image grid: every tile then crops the same labels at its image-space window.
     pyramid = autoencoder.mask_pyramid(mask, full_size, batch_size=z.shape[0])
     labels = None if pyramid is None else pyramid[0]
-    windows = _windows(latent_size, tile, halo)
-    _warn_if_approximate(autoencoder, len(windows), "tiled_decode")
+    _warn_if_approximate(autoencoder, len(_windows(latent_size, tile, halo)), "tiled_decode")
+    placement = _network_placement(autoencoder)
+    decoder, levels = autoencoder.decoder, autoencoder.num_levels
 
-    device, dtype = _network_placement(autoencoder)
-    out = torch.empty((z.shape[0], autoencoder.out_channels, *full_size), dtype=dtype, device=z.device)
+    def run(module: torch.nn.Module, x: Tensor) -> Tensor:
+        return module(x)
+
+    def head(part: Tensor, label_levels: list[Tensor] | None) -> Tensor:
+        return decoder.head(autoencoder.post_quant_conv(part), label_levels, run)
+
+    def tail(part: Tensor, label_levels: list[Tensor] | None) -> Tensor:
+        return decoder.tail(part, label_levels, run)
+
+    # Pass-1 tiles may be large: the head runs at latent resolution.
+    head_tile = tuple(min(2 * t, n) for t, n in zip(tile, latent_size))
     with torch.no_grad():
-        for target, crop, inner in tqdm(windows, desc="tiled decode", disable=not progress):
-            z_crop = z[(slice(None), slice(None), *crop)].to(device=device, dtype=dtype)
-            m_crop = None if labels is None else labels[(slice(None), slice(None), *_scaled(crop, f))].to(device)
-            decoded = autoencoder.decode(z_crop, m_crop)
-            out[(slice(None), slice(None), *_scaled(target, f))] = decoded[
-                (slice(None), slice(None), *_scaled(inner, f))
-            ].to(out.device)
-    return out
+        features = _tiled_pass(
+            head, z, labels, levels, 1, autoencoder.channels[-1], head_tile, autoencoder.decoder_head_receptive_radius, placement, "tiled decode (latent level)", progress,
+        )
+        return _tiled_pass(tail, features, labels, levels, f, autoencoder.out_channels, tile, halo, placement, "tiled decode", progress)
 
 
 def tiled_encode(
