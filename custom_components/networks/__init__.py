@@ -4,12 +4,16 @@ cross-attention 3D U-Net they condition."""
 from .autoencoder import MaskGuidedAutoencoder, VoxelNorm
 from .factory import build_text_conditioned_unet
 from .knowledge_injection import KnowledgeInjection
+from .latent_denoiser import LatentDenoiser, MaskEncoder, build_latent_denoiser
 from .text_encoder import TextEncoder, default_text_encoder_path
 from .tiling import tiled_decode, tiled_encode
 from .unet import CrossAttentionUNet3D, TextConditionedUNet
 
 __all__ = [
     "build_text_conditioned_unet",
+    "build_latent_denoiser",
+    "LatentDenoiser",
+    "MaskEncoder",
     "KnowledgeInjection",
     "TextEncoder",
     "default_text_encoder_path",
