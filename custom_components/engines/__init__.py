@@ -12,7 +12,7 @@ from .distributed import (
     save_rank_weights,
 )
 from .gan import LOGGED_TERMS, AutoencoderGANIteration, loss_terms
-from .iterations import AccumulatingIteration, TCSSIteration, make_ema
+from .iterations import AccumulatingIteration, LDMIteration, TCSSIteration, make_ema
 from .trainer import GuideGenTrainer
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "LOGGED_TERMS",
     "loss_terms",
     "TCSSIteration",
+    "LDMIteration",
     "make_ema",
     "GuideGenTrainer",
     "ResumeFromLatest",

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from custom_components.engines.distributed import average_gradients, broadcast_parameters
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["make_ema", "AccumulatingIteration", "TCSSIteration"]
+__all__ = ["make_ema", "AccumulatingIteration", "TCSSIteration", "LDMIteration"]
 
 
 def _ema_with_warmup(decay: float) -> Callable[[list, list, torch.Tensor], None]:
@@ -182,4 +182,75 @@ class TCSSIteration(AccumulatingIteration):
         loss = self.scheduler.kl_loss(x_t, x0, logits.float(), timesteps)
         if self.aux_ce_weight:
             loss = loss + self.aux_ce_weight * F.cross_entropy(logits.float(), labels[:, 0])
+        return loss, {"timesteps": timesteps.detach()}
+
+
+class LDMIteration(AccumulatingIteration):
+    """One latent-generator training step (paper Eq. 11): ε-prediction loss ``|ε − ε_θ(z_t ⊕ mask, t, text)|²``.
+
+    ``z_0`` is the CT's latent mean times the scale factor, taken from the batch (pre-encoded cache) or, when an
+    autoencoder is given and the batch has no latent, encoded on the fly (frozen, no gradients). The prompt is
+    replaced by the null prompt for a random share of samples (``text_dropout``), which trains the unconditional
+    branch of classifier-free guidance.
+
+    Args:
+        scheduler: a MONAI ``DDPMScheduler`` (cosine, 1000 steps, ``clip_sample=False``) providing ``add_noise``.
+        text_encoder: frozen prompt encoder returning (features, mask).
+        scale_factor: latent scale factor (1 / std of the training latents).
+        autoencoder: frozen :class:`~custom_components.networks.MaskGuidedAutoencoder` for on-the-fly encoding
+            (batches with ``image_key`` instead of ``latent_key``); None when latents are cached.
+        text_dropout: probability of dropping a sample's prompt (0 disables guidance training).
+        latent_key, image_key, label_key, text_key: batch keys.
+        kwargs: see :class:`AccumulatingIteration`.
+    """
+
+    def __init__(
+        self,
+        scheduler: Any,
+        text_encoder: torch.nn.Module,
+        scale_factor: float,
+        autoencoder: torch.nn.Module | None = None,
+        text_dropout: float = 0.1,
+        latent_key: str = "latent",
+        image_key: str = "image",
+        label_key: str = "label",
+        text_key: str = "text",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= text_dropout < 1:
+            raise GuideGenInputError(f"text_dropout = {text_dropout} must be in [0, 1)")
+        if not scale_factor > 0:
+            raise GuideGenInputError(f"scale_factor = {scale_factor} must be > 0")
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.scale_factor = float(scale_factor)
+        self.autoencoder = autoencoder
+        self.text_dropout = float(text_dropout)
+        self.latent_key, self.image_key, self.label_key, self.text_key = latent_key, image_key, label_key, text_key
+
+    def _latents(self, batch: Mapping[str, Any], mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.latent_key in batch:
+            return convert_to_tensor(batch[self.latent_key], track_meta=False).to(device).float()
+        if self.autoencoder is None:
+            raise GuideGenInputError(
+                f"the batch has no '{self.latent_key}' entry and no autoencoder was given to encode '{self.image_key}'"
+            )
+        image = convert_to_tensor(batch[self.image_key], track_meta=False).to(device).float()
+        with torch.no_grad():
+            z_mu, _ = self.autoencoder.encode(image, mask if getattr(self.autoencoder, "num_classes", 0) else None)
+        return z_mu.float()
+
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        device = engine.state.device
+        mask = convert_to_tensor(batch[self.label_key], track_meta=False).to(device).long()
+        z0 = self._latents(batch, mask, device) * self.scale_factor
+        noise = torch.randn_like(z0)
+        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), device=device)
+        z_t = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=timesteps)
+        text_features, text_mask = self.text_encoder(list(batch[self.text_key]))
+        keep = torch.rand(z0.shape[0], device=device) >= self.text_dropout
+        with torch.autocast(device_type=device.type, enabled=bool(engine.amp)):
+            prediction = engine.network(z_t, timesteps, mask, text_features, text_mask, text_keep=keep)
+        loss = F.mse_loss(prediction.float(), noise)
         return loss, {"timesteps": timesteps.detach()}

@@ -24,9 +24,10 @@ from custom_components.data.intensity import CT_WINDOWS, HU_MIN, hu_to_unit, uni
 from custom_components.data.io import atomic_write, check_same_field_of_view, load_nifti, read_volume, save_nifti, write_json
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.errors import CaseError, GuideGenInputError
-from custom_components.networks import tiled_decode, tiled_encode
+from custom_components.networks import MaskGuidedAutoencoder, tiled_decode, tiled_encode
 
 __all__ = [
+    "load_autoencoder",
     "AutoencoderPipeline",
     "reconstruct_cases",
     "reconstruction_metrics",
@@ -35,6 +36,39 @@ __all__ = [
     "encode_file",
     "decode_file",
 ]
+
+
+def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torch.device | str = "cpu") -> MaskGuidedAutoencoder:
+    """The trained stage II autoencoder, rebuilt from the architecture in its model file, frozen, in eval mode.
+
+    Args:
+        model_path: ``guidegen_autoencoder/models/model.pt`` (or another autoencoder model file).
+        class_map: the class map in use (:class:`~custom_components.data.class_map.ClassMap`); must match the one
+            the autoencoder was trained with.
+        device: where to put it.
+
+    Raises:
+        GuideGenInputError: missing/unreadable file, another stage's file, or another class count.
+    """
+    from custom_components.engines.checkpoints import CheckpointInfo, load_model_weights, read_checkpoint_info
+
+    if not Path(model_path).is_file():
+        raise GuideGenInputError(
+            f"autoencoder checkpoint {model_path} not found: train the guidegen_autoencoder bundle first (it writes "
+            "models/model.pt) or pass --autoencoder_path"
+        )
+    info = read_checkpoint_info(model_path, stage="autoencoder")
+    architecture = dict(info["architecture"])
+    network = MaskGuidedAutoencoder(
+        num_classes=class_map.num_classes if info.get("mask_input", True) else 0,
+        channels=architecture["channels"],
+        num_res_blocks=architecture["num_res_blocks"],
+        latent_channels=architecture["latent_channels"],
+        norm=architecture.get("norm", "voxel"),
+        norm_num_groups=architecture.get("norm_num_groups", 32),
+    )
+    load_model_weights(model_path, network, CheckpointInfo("autoencoder", class_map.num_classes, class_map.name), "cpu")
+    return network.to(device).eval().requires_grad_(False)
 
 
 class AutoencoderPipeline:

@@ -1,0 +1,169 @@
+"""Stages III + II chained: an anatomy mask and a prompt -> a CT volume in Hounsfield units on the mask's field of view.
+
+The latent generator samples a CT latent conditioned on the mask and the prompt (paper Eq. 10-11), the latent is
+divided by the training scale factor, and the mask-guided autoencoder decodes it tile by tile. File writing is
+left to :func:`generate_cts`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from custom_components.data.io import atomic_write, load_nifti, read_volume, save_nifti
+from custom_components.data.preview import render_preview, save_preview
+from custom_components.errors import GuideGenInputError
+
+__all__ = ["MaskToCTPipeline", "check_autoencoder_matches", "ct_affine_for_mask", "generate_cts"]
+
+
+def check_autoencoder_matches(autoencoder_path: str | os.PathLike, ldm_info: Mapping[str, Any], allow_mismatch: bool = False) -> None:
+    """Make sure the autoencoder is the one whose latents the generator learned (its checkpoint's SHA-256).
+
+    Raises:
+        GuideGenInputError: a different checkpoint, unless ``allow_mismatch``.
+    """
+    from custom_components.data.latent_cache import file_sha256
+
+    expected = ldm_info.get("autoencoder_sha256")
+    actual = file_sha256(autoencoder_path)
+    if expected and actual != expected and not allow_mismatch:
+        raise GuideGenInputError(
+            f"the autoencoder {autoencoder_path} (sha256 {actual[:12]}...) is not the one the latent generator was trained "
+            f"with (sha256 {expected[:12]}...): its latents would decode to noise. Pass the matching --autoencoder_path, "
+            "retrain the latent generator on this autoencoder, or set --allow_autoencoder_mismatch true"
+        )
+
+
+def ct_affine_for_mask(mask_affine: np.ndarray, mask_shape: Sequence[int], ct_shape: Sequence[int]) -> np.ndarray:
+    """Voxel-to-world matrix of a CT grid covering exactly the mask's box at another resolution.
+
+    A CT voxel ``i`` lies at mask voxel coordinate ``(i + 0.5) · r − 0.5`` with ``r = mask_shape / ct_shape``, so the
+    outer corners of both grids coincide.
+    """
+    ratio = np.asarray(mask_shape, dtype=np.float64) / np.asarray(ct_shape, dtype=np.float64)
+    affine = np.array(mask_affine, dtype=np.float64)
+    result = np.eye(4)
+    result[:3, :3] = affine[:3, :3] * ratio
+    result[:3, 3] = affine[:3, :3] @ (0.5 * ratio - 0.5) + affine[:3, 3]
+    return result
+
+
+class MaskToCTPipeline:
+    """Mask + prompt -> CT (HU).
+
+    Args:
+        sampler: a :class:`~custom_components.pipelines.ldm.LatentDiffusionSampler`.
+        autoencoder: an :class:`~custom_components.pipelines.autoencoder.AutoencoderPipeline`.
+        scale_factor: the latent scale factor the generator was trained with.
+        mask_size: the mask size the generator was trained with (its latent grid × mask_factor).
+        num_classes: classes of the class map the models were trained with.
+    """
+
+    def __init__(self, sampler: Any, autoencoder: Any, scale_factor: float, mask_size: Sequence[int], num_classes: int) -> None:
+        self.sampler = sampler
+        self.autoencoder = autoencoder
+        self.scale_factor = float(scale_factor)
+        self.mask_size = tuple(int(n) for n in mask_size)
+        self.num_classes = int(num_classes)
+
+    def check_mask(self, mask: np.ndarray, what: str) -> None:
+        """Refuse masks the generator cannot condition on, with a message saying what to do.
+
+        Raises:
+            GuideGenInputError: wrong size (not the trained latent grid × mask_factor) or labels outside the class map.
+        """
+        factor = int(self.sampler.network.mask_factor)
+        if tuple(mask.shape) != self.mask_size:
+            latent = [n // factor for n in self.mask_size]
+            raise GuideGenInputError(
+                f"{what}: the mask has size {tuple(mask.shape)} but the latent generator works on a {latent} latent grid "
+                f"x mask_factor {factor} = {list(self.mask_size)}; resample the mask (nearest neighbour) to "
+                f"{list(self.mask_size)} over the same field of view"
+            )
+        low, high = int(mask.min()), int(mask.max())
+        if low < 0 or high >= self.num_classes:
+            raise GuideGenInputError(
+                f"{what}: the mask holds labels {low}..{high} but the class map has {self.num_classes} classes "
+                f"(0..{self.num_classes - 1}); use a mask made with the class map the models were trained with"
+            )
+
+    def __call__(
+        self,
+        masks: np.ndarray | torch.Tensor,
+        prompts: Sequence[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        seed: int | None = 0,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Generate one CT per (mask, prompt).
+
+        Args:
+            masks: (B, *mask_size) class indices.
+            prompts: B prompts.
+            num_inference_steps: DDIM steps.
+            guidance_scale: classifier-free guidance scale (1: plain conditional sampling).
+            seed: random seed (None: not seeded).
+            progress: progress bars.
+
+        Returns:
+            (B, 1, *ct_size) CT in HU (float, CPU).
+        """
+        masks = torch.as_tensor(np.asarray(masks)).long()
+        for index, mask in enumerate(masks):
+            self.check_mask(mask.numpy(), f"mask {index}")
+        latents = self.sampler(masks[:, None], list(prompts), num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, seed=seed, progress=progress)
+        return self.autoencoder.decode(latents / self.scale_factor, masks[:, None])
+
+
+def generate_cts(
+    pipeline: MaskToCTPipeline,
+    cases: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+) -> list[Path]:
+    """Generate and write a CT for every ``{"case_id", "label" (mask file), "text" (prompt)}`` entry.
+
+    Writes ``<output_dir>/<case_id>/ct.nii.gz`` (int16 HU on the mask's field of view at the autoencoder's
+    resolution), ``mask.nii.gz`` (the input mask, uint8), ``prompt.txt`` and ``preview.png`` (CT with the mask
+    overlaid). Each case is seeded with ``seed + index``, so a case's result does not depend on the others.
+
+    Returns:
+        the CT files written.
+
+    Raises:
+        GuideGenInputError: no cases, an unreadable mask, a mask of the wrong size or class map, an empty prompt.
+    """
+    if not cases:
+        raise GuideGenInputError("no masks to generate CTs for: pass --mask_file and --prompt, or a datalist split with cases")
+    output_dir = Path(output_dir)
+    written = []
+    for index, case in enumerate(tqdm(cases, desc="mask -> CT", unit="case")):
+        case_id = str(case.get("case_id") or f"case_{index:03d}")
+        prompt = str(case.get("text") or "").strip()
+        if not prompt:
+            raise GuideGenInputError(f"case '{case_id}': empty prompt; pass --prompt or give the datalist entry a 'text'")
+        mask_nii = load_nifti(case["label"], f"mask of case '{case_id}'")
+        mask = read_volume(mask_nii, f"mask of case '{case_id}'", dtype=np.int64)
+        pipeline.check_mask(mask, f"case '{case_id}' ({case['label']})")
+        ct = pipeline(mask[None], [prompt], num_inference_steps, guidance_scale, seed + index, progress=False)[0, 0].numpy()
+        affine = ct_affine_for_mask(mask_nii.affine, mask.shape, ct.shape)
+        folder = output_dir / case_id
+        path = save_nifti(np.rint(ct), affine, folder / "ct.nii.gz", np.int16)
+        save_nifti(mask, mask_nii.affine, folder / "mask.nii.gz", np.uint8)
+        atomic_write(folder / "prompt.txt", lambda temporary: temporary.write_text(prompt + "\n"))
+        spacing = tuple(float(v) for v in nib.affines.voxel_sizes(affine))
+        save_preview(render_preview(ct, mask, pipeline.num_classes, spacing), folder / "preview.png")
+        written.append(path)
+    return written
