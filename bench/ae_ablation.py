@@ -31,10 +31,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLE = REPO.parent / "shared" / "data" / "totalsegmentator_example"
 VARIANTS = {
-    "hdr+mask": {"hdr": True, "mask_input": True},
-    "hdr, no mask": {"hdr": True, "mask_input": False},
-    "no hdr, mask": {"hdr": False, "mask_input": True},
-    "no hdr, no mask": {"hdr": False, "mask_input": False},
+    "hdr_mask": {"hdr": True, "mask_input": True},
+    "hdr_nomask": {"hdr": True, "mask_input": False},
+    "nohdr_mask": {"hdr": False, "mask_input": True},
+    "nohdr_nomask": {"hdr": False, "mask_input": False},
 }
 HELD_OUT_FIRST_SLICE = 82
 
@@ -105,15 +105,18 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         flags = VARIANTS[name]
-        folder = work_dir / name.replace(", ", "_").replace(" ", "_").replace("+", "_")
-        seconds = run_bundle(
-            [
+        folder = work_dir / name
+        timing = folder / "train_seconds.txt"
+        if (folder / "models" / "model.pt").is_file() and timing.is_file():
+            seconds = float(timing.read_text())  # finished in an earlier run of this script
+        else:
+            train_args = [
                 "training", "--config_file", configs, "--datalist", str(train_datalist),
                 "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
                 "--max_epochs", str(args.max_epochs), "--hdr", str(flags["hdr"]), "--mask_input", str(flags["mask_input"]),
-            ],
-            folder / "train.log",
-        )
+            ]
+            seconds = run_bundle(train_args, folder / "train.log")
+            timing.write_text(f"{seconds:.1f}\n")
         run_bundle(
             [
                 "inference", "--config_file", "bundles/guidegen_autoencoder/configs/inference.yaml",
