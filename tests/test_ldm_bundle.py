@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,23 @@ def test_latent_cache_reuses_and_reencodes(workspace, tmp_path):
     third = build_latent_cache(items, pipeline, ae_path, tmp_path / "cache", progress=False)
     assert all(Path(p).stat().st_mtime_ns != t for p, t in stamps.items())
     assert third["autoencoder_sha256"] != first["autoencoder_sha256"]
+
+
+def test_two_process_gloo_training_builds_the_cache_once_and_keeps_ranks_identical(workspace, tmp_path):
+    override = dict(workspace["tiny"], output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"),
+                    save_rank_weights=True, resume=False)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(override))
+    configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", CONFIGS / "multi_gpu_train.yaml", config]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+               "-m", "monai.bundle", "run", "training", "--config_file", str([str(c) for c in configs])]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd="/")
+    assert result.returncode == 0, result.stderr[-6000:]
+    rank0 = torch.load(tmp_path / "out/rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "out/rank1.pt", weights_only=True)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    # only rank 0 encoded the training CTs (the other rank waited and read the manifest)
+    assert len(re.findall(r"encoded \d+ of \d+ training CTs", result.stderr + result.stdout)) == 1
+    assert (tmp_path / "models/model.pt").is_file()
