@@ -101,10 +101,10 @@ CASES = [  # (t, prev_t) per batch element; None = default t - 1
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_package_exports_only_the_scheduler():
+def test_package_exports_the_schedulers():
     import custom_components.schedulers as schedulers
 
-    assert schedulers.__all__ == ["CategoricalDiffusionScheduler"]
+    assert schedulers.__all__ == ["CategoricalDiffusionScheduler", "TrailingDDIMScheduler"]
 
 
 def test_cosine_schedule_decreases_from_one_to_zero():
