@@ -2,7 +2,7 @@
 
 For every case of a datalist split, the latent generator + autoencoder turn the case's mask and prompt into a CT
 (the bundle's own inference command). Organs are then recovered from the generated CT by the HU band each class has
-in the phantoms (5th-95th percentile of the training CTs' voxels of that class), and compared with the input mask by
+in the phantoms (interquartile range of the training CTs' voxels of that class), and compared with the input mask by
 Dice. The phantoms' organs overlap in HU (liver 60, spleen 50, pancreas 45, muscle 50 HU), so HU bands cannot
 separate every organ even on the real phantom CT: the same recovery applied to the real CT of the case is reported
 beside it as the ceiling of the method.
@@ -35,7 +35,7 @@ def on_grid(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def hu_bands(items: list[dict], num_classes: int) -> dict[int, tuple[float, float]]:
-    """Per class, the 5th-95th percentile HU of its voxels in the given (real) CTs."""
+    """Per class, the interquartile HU range of its voxels in the given (real) CTs."""
     values: dict[int, list[np.ndarray]] = {c: [] for c in range(1, num_classes)}
     for item in items:
         ct = np.asarray(nib.load(item["image"]).dataobj, dtype=np.float32)
@@ -46,7 +46,7 @@ def hu_bands(items: list[dict], num_classes: int) -> dict[int, tuple[float, floa
     for c, chunks in values.items():
         data = np.concatenate(chunks) if chunks else np.empty(0)
         if data.size >= 20:
-            bands[c] = (float(np.percentile(data, 5)), float(np.percentile(data, 95)))
+            bands[c] = (float(np.percentile(data, 25)), float(np.percentile(data, 75)))
     return bands
 
 

@@ -104,7 +104,7 @@ CASES = [  # (t, prev_t) per batch element; None = default t - 1
 def test_package_exports_the_schedulers():
     import custom_components.schedulers as schedulers
 
-    assert schedulers.__all__ == ["CategoricalDiffusionScheduler", "TrailingDDIMScheduler"]
+    assert schedulers.__all__ == ["CategoricalDiffusionScheduler", "LeadingDDIMScheduler"]
 
 
 def test_cosine_schedule_decreases_from_one_to_zero():

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from custom_components.data.io import write_json
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["file_sha256", "build_latent_cache", "latent_scale_factor", "mask_factor"]
+__all__ = ["file_sha256", "build_latent_cache", "latent_abs_max", "latent_scale_factor", "mask_factor"]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -44,6 +44,11 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
 def _stamp(path: str | os.PathLike) -> list[int]:
     stat = Path(path).stat()
     return [int(stat.st_size), int(stat.st_mtime_ns)]
+
+
+def latent_abs_max(latent_files: Sequence[str | os.PathLike]) -> float:
+    """Largest absolute value among the given latent NIfTI files (unscaled)."""
+    return float(max(np.abs(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)).max() for path in latent_files))
 
 
 def latent_scale_factor(latent_files: Sequence[str | os.PathLike]) -> float:
@@ -96,8 +101,8 @@ def build_latent_cache(
         progress: show a progress bar over the cases.
 
     Returns:
-        ``{"items": [entry + {"latent": path}], "scale_factor": float, "autoencoder_sha256": str,
-        "latent_shape": [C, x, y, z]}``.
+        ``{"items": [entry + {"latent": path}], "scale_factor": float, "scaled_abs_max": float (largest |value| of
+        the scaled latents), "autoencoder_sha256": str, "latent_shape": [C, x, y, z]}``.
     """
     from custom_components.pipelines.autoencoder import encode_file
 
@@ -131,6 +136,8 @@ def build_latent_cache(
         wanted = {str(item["case_id"]) for item in items}
         latents = [cases[c]["latent"] for c in sorted(wanted)]
         manifest["scale_factor"] = latent_scale_factor(latents)
+        # Bounds the sampler's x_0 estimates (see LeadingDDIMScheduler): scaled latents stay within this range.
+        manifest["scaled_abs_max"] = latent_abs_max(latents) * manifest["scale_factor"]
         shape = nib.load(latents[0]).shape
         manifest["latent_shape"] = [int(shape[3]), *map(int, shape[:3])]
         manifest["cases"] = cases
@@ -146,7 +153,7 @@ def build_latent_cache(
         if entry is None:
             raise GuideGenInputError(f"case '{item['case_id']}' is missing from the latent cache {manifest_path}; delete the cache and rerun")
         cached.append({**item, "latent": entry["latent"]})
-    return {"items": cached, "scale_factor": float(manifest["scale_factor"]),
+    return {"items": cached, "scale_factor": float(manifest["scale_factor"]), "scaled_abs_max": float(manifest["scaled_abs_max"]),
             "autoencoder_sha256": manifest["autoencoder_sha256"], "latent_shape": manifest["latent_shape"]}
 
 

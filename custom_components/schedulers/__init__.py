@@ -2,13 +2,13 @@
 
 - :class:`CategoricalDiffusionScheduler` -- the multinomial (categorical) diffusion of the TCSS stage, which
   generates the 20-class anatomy mask.
-- :class:`TrailingDDIMScheduler` -- MONAI's DDIM for the latent generator, with timesteps its update rule jumps
+- :class:`LeadingDDIMScheduler` -- MONAI's DDIM for the latent generator, with timesteps its update rule jumps
   between.
 """
 
 from __future__ import annotations
 
 from .categorical import CategoricalDiffusionScheduler
-from .ddim import TrailingDDIMScheduler
+from .ddim import LeadingDDIMScheduler
 
-__all__ = ["CategoricalDiffusionScheduler", "TrailingDDIMScheduler"]
+__all__ = ["CategoricalDiffusionScheduler", "LeadingDDIMScheduler"]
