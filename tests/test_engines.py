@@ -151,3 +151,54 @@ def test_ema_warms_up_so_short_runs_do_not_sample_the_initialisation():
     to_final = sum((a - c).abs().sum() for a, c in zip(ema.module.parameters(), network.parameters()))
     to_initial = sum((a - i).abs().sum() for a, i in zip(ema.module.parameters(), initial))
     assert to_final < 0.5 * to_initial
+
+
+class _RecordingDenoiser(torch.nn.Module):
+    """Predicts zero noise and records what it was called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.calls: list[dict] = []
+
+    def forward(self, z_t, timesteps, mask, text_features, text_mask, text_keep=None):
+        self.calls.append({"z_t": z_t.detach().clone(), "t": timesteps.clone(), "keep": text_keep.clone()})
+        return z_t * self.weight
+
+
+def test_ldm_iteration_scales_cached_latents_and_encodes_images_on_the_fly():
+    from monai.networks.schedulers import DDPMScheduler
+
+    from custom_components.engines import LDMIteration
+    from custom_components.networks import MaskGuidedAutoencoder
+
+    torch.manual_seed(0)
+    scheduler = DDPMScheduler(num_train_timesteps=10, schedule="cosine", clip_sample=False)
+    autoencoder = MaskGuidedAutoencoder(num_classes=3, channels=(4, 8), num_res_blocks=1, latent_channels=2, norm_num_groups=2).eval()
+    image = torch.rand(1, 1, 8, 8, 8) * 2 - 1
+    mask = torch.randint(0, 3, (1, 1, 8, 8, 8))
+    with torch.no_grad():
+        z_mu, _ = autoencoder.encode(image, mask)
+    outputs = {}
+    for name, batch, encoder in (
+        ("cached", {"latent": z_mu, "label": mask, "text": ["p"]}, None),
+        ("on_the_fly", {"image": image, "label": mask, "text": ["p"]}, autoencoder),
+    ):
+        network = _RecordingDenoiser()
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
+        torch.manual_seed(5)
+        iteration = LDMIteration(scheduler, _ZeroText(), scale_factor=2.0, autoencoder=encoder, text_dropout=0.0)
+        trainer = GuideGenTrainer("cpu", 1, [batch], network, optimizer, iteration)
+        trainer.run()
+        call = network.calls[0]
+        # z_t = sqrt(abar) * (scale * z0) + sqrt(1 - abar) * noise; with zero prediction the loss is E[noise^2]
+        outputs[name] = (call["z_t"], call["t"], float(trainer.state.output[0]["loss"]))
+        assert bool(call["keep"].all())  # text_dropout 0 keeps every prompt
+    assert torch.allclose(outputs["cached"][0], outputs["on_the_fly"][0], atol=1e-6)
+    assert torch.equal(outputs["cached"][1], outputs["on_the_fly"][1])
+    with pytest.raises(GuideGenInputError, match="no 'latent' entry"):
+        iteration = LDMIteration(scheduler, _ZeroText(), scale_factor=1.0)
+        GuideGenTrainer("cpu", 1, [{"image": image, "label": mask, "text": ["p"]}], _RecordingDenoiser(),
+                        torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=0.0), iteration).run()
+    with pytest.raises(GuideGenInputError, match="text_dropout"):
+        LDMIteration(scheduler, _ZeroText(), scale_factor=1.0, text_dropout=1.0)
