@@ -4,10 +4,7 @@ train -> resume -> mask + prompt to CT, the latent cache's reuse/re-encode rules
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from helpers_bundles import TORCHRUN_2, run_bundle, train_then_resume
 from helpers_tiny_text import make_tiny_text_encoder_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +31,6 @@ TINY_ARCHITECTURE = {
     "injection_layers": 1,
     "injection_heads": 2,
 }
-
-
-def run_bundle(run_id: str, configs: list[Path], *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str([str(c) for c in configs]), *extra]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd="/")
 
 
 def save_tiny_autoencoder(path: Path, seed: int = 0) -> Path:
@@ -81,13 +73,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(workspace):
     configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", workspace["override"]]
-    first = run_bundle("training", configs)
-    assert first.returncode == 0, first.stderr[-4000:]
-    models = workspace["root"] / "models"
-    state = torch.load(models / "checkpoint_final.pt", weights_only=True)
-    resumed = run_bundle("training", configs, "--max_epochs", "2")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    return {"first": first, "resumed": resumed, "first_state": state, "models": models}
+    return train_then_resume(configs, workspace["root"] / "models")
 
 
 def test_training_caches_latents_and_stores_the_scale_factor(trained, workspace):
@@ -198,10 +184,7 @@ def test_two_process_gloo_training_builds_the_cache_once_and_keeps_ranks_identic
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(override))
     configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", CONFIGS / "multi_gpu_train.yaml", config]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-               "-m", "monai.bundle", "run", "training", "--config_file", str([str(c) for c in configs])]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd="/")
+    result = run_bundle("training", configs, launcher=TORCHRUN_2)
     assert result.returncode == 0, result.stderr[-6000:]
     rank0 = torch.load(tmp_path / "out/rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "out/rank1.pt", weights_only=True)

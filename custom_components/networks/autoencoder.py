@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, Upsample
+from monai.networks.blocks import Upsample
 from monai.networks.nets.autoencoderkl import AEKLDownsample, AEKLResBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from custom_components.errors import GuideGenInputError
+from custom_components.networks.layers import same_conv3d as _conv
 
 __all__ = ["MaskGuidedAutoencoder", "VoxelNorm"]
 
@@ -45,19 +47,6 @@ _SPATIAL_DIMS = 3
 _NORMS = ("voxel", "group")
 # MONAI's AutoencoderKL clamps the log-variance to this range before exponentiating.
 _LOGVAR_RANGE = (-30.0, 20.0)
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: int) -> Convolution:
-    """A plain stride-1 'same' convolution (MONAI's ``Convolution`` with ``conv_only=True``)."""
-    return Convolution(
-        spatial_dims=_SPATIAL_DIMS,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        strides=1,
-        kernel_size=kernel_size,
-        padding=kernel_size // 2,
-        conv_only=True,
-    )
 
 
 class VoxelNorm(nn.Module):

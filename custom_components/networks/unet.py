@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, SpatialAttentionBlock, Upsample
+from monai.networks.blocks import SpatialAttentionBlock, Upsample
 from monai.networks.nets.diffusion_model_unet import (
     DiffusionUnetDownsample,
     DiffusionUNetResnetBlock,
@@ -38,24 +38,13 @@ from monai.networks.nets.diffusion_model_unet import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from custom_components.networks.layers import same_conv3d as _conv
+
 __all__ = ["CrossAttentionUNet3D", "TextConditionedUNet", "VoxelCrossAttention"]
 
 # MONAI's diffusion U-Net uses this GroupNorm epsilon throughout; keeping it makes the two numerically comparable.
 _NORM_EPS = 1e-6
 _SPATIAL_DIMS = 3
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: int) -> Convolution:
-    """A plain stride-1 'same' convolution (MONAI's ``Convolution`` with ``conv_only=True``)."""
-    return Convolution(
-        spatial_dims=_SPATIAL_DIMS,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        strides=1,
-        kernel_size=kernel_size,
-        padding=kernel_size // 2,
-        conv_only=True,
-    )
 
 
 class _ResBlock(DiffusionUNetResnetBlock):
