@@ -12,24 +12,12 @@ import pytest
 import torch
 import yaml
 
-from helpers_bundles import TORCHRUN_2, run_bundle, train_then_resume
+from helpers_bundles import TINY_TEXT_UNET, run_bundle, run_two_process_training, train_then_resume
 from helpers_tiny_text import make_tiny_text_encoder_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles/guidegen_tcss/configs"
-TINY_ARCHITECTURE = {
-    "channels": [8, 16],
-    "num_res_blocks": 1,
-    "cross_attention_levels": [False, True],
-    "self_attention_levels": [False, True],
-    "num_head_channels": 8,
-    "norm_num_groups": 4,
-    "use_checkpointing": False,
-    "num_queries": 4,
-    "injection_dim": 16,
-    "injection_layers": 1,
-    "injection_heads": 2,
-}
+TINY_ARCHITECTURE = TINY_TEXT_UNET
 
 
 @pytest.fixture(scope="module")
@@ -135,19 +123,8 @@ def test_inference_rejects_a_class_map_of_another_size(trained, workspace, tmp_p
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(workspace, tmp_path):
-    override = yaml.safe_load(workspace["override"].read_text())
-    override.update(output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), save_rank_weights=True, resume=False)
-    config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(override))
-    configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", CONFIGS / "multi_gpu_train.yaml", config]
-    result = run_bundle("training", configs, launcher=TORCHRUN_2)
-    assert result.returncode == 0, result.stderr[-6000:]
-    rank0 = torch.load(tmp_path / "out/rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "out/rank1.pt", weights_only=True)
-    assert rank0.keys() == rank1.keys()
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-    assert (tmp_path / "models/model.pt").is_file()
+    configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", CONFIGS / "multi_gpu_train.yaml"]
+    run_two_process_training(configs, yaml.safe_load(workspace["override"].read_text()), tmp_path)
 
 
 def test_tracking_mlflow_option_works(workspace, tmp_path):
