@@ -87,7 +87,7 @@ class AutoencoderPipeline:
         network: torch.nn.Module,
         device: torch.device | str = "cpu",
         encode_tile: int = 128,
-        decode_tile: int = 32,
+        decode_tile: int = 8,
         progress: bool = False,
     ) -> None:
         self.network = network.to(device).eval()
