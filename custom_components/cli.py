@@ -15,7 +15,7 @@ import fire
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["prepare", "demo_data", "main"]
+__all__ = ["prepare", "demo_data", "package", "main"]
 
 
 def prepare(
@@ -142,7 +142,32 @@ def demo_data(
     return str(datalist)
 
 
-COMMANDS = {"prepare": prepare, "demo-data": demo_data}
+def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
+    """Zip bundles the way the MONAI model zoo distributes them: OUTPUT_DIR/<name>_v<version>.zip, each holding one
+    top-level folder <name>/ (configs, docs, LICENSE, and models/model.pt when trained; resumable checkpoints and
+    run outputs are left out). Install one elsewhere with
+    `python -m monai.bundle download --name <name> --url file://<absolute path of the zip> --bundle_dir <dir>`.
+
+    Args:
+        output_dir: where the archives go.
+        bundles: "all" or bundle names, e.g. guidegen_tcss,guidegen_ldm.
+
+    Returns:
+        the archives written.
+    """
+    from custom_components.packaging import BUNDLE_NAMES, package_bundles
+
+    if bundles == "all":
+        names = list(BUNDLE_NAMES)
+    else:
+        names = [b.strip() for b in (bundles.split(",") if isinstance(bundles, str) else bundles) if str(b).strip()]
+    archives = [str(path) for path in package_bundles(output_dir, names)]
+    for archive in archives:
+        print(f"wrote {archive}", file=sys.stderr)
+    return archives
+
+
+COMMANDS = {"prepare": prepare, "demo-data": demo_data, "package": package}
 
 
 def main(argv: list[str] | None = None) -> None:
