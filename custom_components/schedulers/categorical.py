@@ -349,6 +349,22 @@ class CategoricalDiffusionScheduler(Scheduler):
         abar_s = self._abar(prev_cpu)
         return abar_t, abar_t / abar_s, abar_s
 
+    def _posterior_coefficients(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        x0_name: str,
+        t: int | torch.Tensor,
+        prev_t: int | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate the inputs of a posterior (:meth:`q_posterior`, :meth:`model_posterior`) and return
+        ``(abar_t, a, b)`` of its jump t -> s (see :meth:`_jump_coefficients`)."""
+        self._check_tensor(x_t, "x_t", floating=False)
+        self._check_tensor(x0, x0_name)
+        self._check_same_shape(x_t, x0, "x_t", x0_name)
+        t_cpu, prev_cpu = self._timestep_pair(t, prev_t, x_t.shape[0])
+        return self._jump_coefficients(t_cpu, prev_cpu)
+
     def q_posterior(
         self,
         x_t: torch.Tensor,
@@ -378,11 +394,7 @@ class CategoricalDiffusionScheduler(Scheduler):
         Returns:
             probabilities of x_s, same shape and dtype as ``x0_onehot``; rows (dim 1) sum to 1.
         """
-        self._check_tensor(x_t, "x_t", floating=False)
-        self._check_tensor(x0_onehot, "x0_onehot")
-        self._check_same_shape(x_t, x0_onehot, "x_t", "x0_onehot")
-        t_cpu, prev_cpu = self._timestep_pair(t, prev_t, x_t.shape[0])
-        _, a, b = self._jump_coefficients(t_cpu, prev_cpu)
+        _, a, b = self._posterior_coefficients(x_t, x0_onehot, "x0_onehot", t, prev_t)
         n = self.num_classes
         out_dtype = x0_onehot.dtype
         x0_onehot = x0_onehot.to(_work_dtype(out_dtype))
@@ -433,11 +445,7 @@ class CategoricalDiffusionScheduler(Scheduler):
         Returns:
             probabilities of x_s, same shape and dtype as ``x0_probs``; rows (dim 1) sum to 1.
         """
-        self._check_tensor(x_t, "x_t", floating=False)
-        self._check_tensor(x0_probs, "x0_probs")
-        self._check_same_shape(x_t, x0_probs, "x_t", "x0_probs")
-        t_cpu, prev_cpu = self._timestep_pair(t, prev_t, x_t.shape[0])
-        abar_t, a, b = self._jump_coefficients(t_cpu, prev_cpu)
+        abar_t, a, b = self._posterior_coefficients(x_t, x0_probs, "x0_probs", t, prev_t)
         n = self.num_classes
         z_off = (1.0 - abar_t) / n
         ratio = z_off / (abar_t + z_off)  # Z_off / Z_on, in [0, 1)
