@@ -158,17 +158,30 @@ class AutoencoderPipeline:
             (X, Y, Z) float32 reconstruction in HU.
         """
         shape = image_hu.shape
-        padded_shape = [-(-n // self.factor) * self.factor for n in shape]
-        pad = [(0, p - n) for n, p in zip(shape, padded_shape)]
-        padded = np.pad(image_hu.astype(np.float32), pad, constant_values=HU_MIN)
-        mask_tensor = None
-        if mask is not None and getattr(self.network, "num_classes", 0):
-            # Bring the mask onto the padded CT grid so that padding does not shift its field of view.
-            on_grid = F.interpolate(torch.as_tensor(mask.astype(np.float32))[None, None], size=shape, mode="nearest")
-            mask_tensor = F.pad(on_grid, [v for p in reversed(pad) for v in p])
+        padded, mask_tensor = self.pad_to_factor(image_hu, mask)
         latent = self.encode(padded, mask_tensor)
         decoded = self.decode(latent, mask_tensor)[0, 0].numpy()
         return decoded[: shape[0], : shape[1], : shape[2]]
+
+    def pad_to_factor(self, image_hu: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Pad a CT with air at the far end of each axis to a multiple of :attr:`factor`, and its mask with it.
+
+        Args:
+            image_hu: (X, Y, Z) CT in HU.
+            mask: (X', Y', Z') class volume over the same field of view, or None.
+
+        Returns:
+            the padded float32 CT and, for networks that take masks, the mask as a (1, 1, *padded) tensor on the
+            padded CT grid (None otherwise).
+        """
+        shape = image_hu.shape
+        pad = [(0, -(-n // self.factor) * self.factor - n) for n in shape]
+        padded = np.pad(image_hu.astype(np.float32), pad, constant_values=HU_MIN)
+        if mask is None or not getattr(self.network, "num_classes", 0):
+            return padded, None
+        # Bring the mask onto the CT grid before padding, so that padding does not shift its field of view.
+        on_grid = F.interpolate(torch.as_tensor(mask.astype(np.float32))[None, None], size=shape, mode="nearest")
+        return padded, F.pad(on_grid, [v for p in reversed(pad) for v in p])
 
 
 def latent_affine(affine: np.ndarray, factor: int) -> np.ndarray:
@@ -207,15 +220,9 @@ def encode_file(
     image_nii = load_nifti(image_path, "CT to encode")
     image = read_volume(image_nii, "CT to encode", check_finite=True)
     mask = _read_mask(mask_path, image_nii, f"CT {image_path}")
-    f = pipeline.factor
-    padded_shape = [-(-n // f) * f for n in image.shape]
-    padded = np.pad(image, [(0, p - n) for n, p in zip(image.shape, padded_shape)], constant_values=HU_MIN)
-    mask_tensor = None
-    if mask is not None:
-        mask_tensor = F.interpolate(torch.as_tensor(mask.astype(np.float32))[None, None], size=image.shape, mode="nearest")
-        mask_tensor = F.pad(mask_tensor, [v for n, p in zip(reversed(image.shape), reversed(padded_shape)) for v in (0, p - n)])
+    padded, mask_tensor = pipeline.pad_to_factor(image, mask)
     latent = pipeline.encode(padded, mask_tensor)[0].cpu().numpy()
-    latent_image = nib.Nifti1Image(np.moveaxis(latent, 0, -1).astype(np.float32), latent_affine(image_nii.affine, f))
+    latent_image = nib.Nifti1Image(np.moveaxis(latent, 0, -1).astype(np.float32), latent_affine(image_nii.affine, pipeline.factor))
     return atomic_write(output_path, lambda temporary: nib.save(latent_image, str(temporary)))
 
 
@@ -291,11 +298,7 @@ def reconstruct_cases(
         try:
             image_nii = load_nifti(item["image"], f"CT of case '{case_id}'")
             image = read_volume(image_nii, f"CT of case '{case_id}'", check_finite=True)
-            mask = None
-            if item.get("label"):
-                mask_nii = load_nifti(item["label"], f"mask of case '{case_id}'")
-                check_same_field_of_view(image_nii, mask_nii, f"case '{case_id}'")
-                mask = read_volume(mask_nii, f"mask of case '{case_id}'", dtype=np.int64)
+            mask = _read_mask(item.get("label") or None, image_nii, f"case '{case_id}'")
             reconstruction = pipeline.reconstruct(image, mask)
         except GuideGenInputError as err:
             failed[case_id] = str(CaseError(case_id, str(err)))
