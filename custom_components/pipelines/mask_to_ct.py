@@ -120,6 +120,13 @@ class MaskToCTPipeline:
         masks = torch.as_tensor(np.asarray(masks)).long()
         for index, mask in enumerate(masks):
             self.check_mask(mask.numpy(), f"mask {index}")
+        return self._generate(masks, prompts, num_inference_steps, guidance_scale, seed, progress)
+
+    def _generate(
+        self, masks: torch.Tensor, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
+        seed: int | None, progress: bool,
+    ) -> torch.Tensor:
+        """:meth:`__call__` for masks already passed through :meth:`check_mask`."""
         latents = self.sampler(masks[:, None], list(prompts), num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, seed=seed, progress=progress)
         return self.autoencoder.decode(latents / self.scale_factor, masks[:, None])
@@ -157,7 +164,8 @@ def generate_cts(
         mask_nii = load_nifti(case["label"], f"mask of case '{case_id}'")
         mask = read_volume(mask_nii, f"mask of case '{case_id}'", dtype=np.int64)
         pipeline.check_mask(mask, f"case '{case_id}' ({case['label']})")
-        ct = pipeline(mask[None], [prompt], num_inference_steps, guidance_scale, seed + index, progress=False)[0, 0].numpy()
+        masks = torch.as_tensor(mask[None])
+        ct = pipeline._generate(masks, [prompt], num_inference_steps, guidance_scale, seed + index, False)[0, 0].numpy()
         affine = ct_affine_for_mask(mask_nii.affine, mask.shape, ct.shape)
         folder = output_dir / case_id
         path = save_nifti(np.rint(ct), affine, folder / "ct.nii.gz", np.int16)
