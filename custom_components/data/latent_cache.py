@@ -12,6 +12,7 @@ and stores in its checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from custom_components.data.io import write_json
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["file_sha256", "build_latent_cache", "latent_abs_max", "latent_scale_factor", "mask_factor"]
+__all__ = ["file_sha256", "build_latent_cache", "latent_statistics", "mask_factor"]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -46,36 +47,35 @@ def _stamp(path: str | os.PathLike) -> list[int]:
     return [int(stat.st_size), int(stat.st_mtime_ns)]
 
 
-def latent_abs_max(latent_files: Sequence[str | os.PathLike]) -> float:
-    """Largest absolute value among the given latent NIfTI files (unscaled)."""
-    return float(max(np.abs(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)).max() for path in latent_files))
+def latent_statistics(latent_files: Sequence[str | os.PathLike]) -> tuple[float, float]:
+    """Scale factor and range of the given latent NIfTI files, read once.
 
-
-def latent_scale_factor(latent_files: Sequence[str | os.PathLike]) -> float:
-    """1 / standard deviation of every value of the given latent NIfTI files (unit variance for diffusion).
+    Returns:
+        ``(scale_factor, scaled_abs_max)``: 1 / standard deviation of every value (unit variance for diffusion) and
+        the largest absolute value after scaling (bounds the sampler's x_0 estimates, see ``LeadingDDIMScheduler``).
 
     Raises:
         GuideGenInputError: no files, or latents with zero spread (an untrained or broken autoencoder).
     """
     if not latent_files:
         raise GuideGenInputError("no latents to compute the scale factor from: the training split is empty")
-    count, total, total_sq = 0, 0.0, 0.0
+    count, total, total_sq, abs_max = 0, 0.0, 0.0, 0.0
     for path in latent_files:
         values = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
         count += values.size
         total += float(values.sum())
         total_sq += float(np.square(values).sum())
+        abs_max = max(abs_max, float(np.abs(values).max()))
     variance = total_sq / count - (total / count) ** 2
     if not variance > 1e-12:
         raise GuideGenInputError(
             f"the cached latents have no spread (variance {variance:.3g}); check that the autoencoder checkpoint is trained"
         )
-    return float(1.0 / np.sqrt(variance))
+    scale = float(1.0 / np.sqrt(variance))
+    return scale, abs_max * scale
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError):
@@ -135,9 +135,7 @@ def build_latent_cache(
                               "image_stamp": _stamp(item["image"]), "label_stamp": _stamp(item["label"])}
         wanted = {str(item["case_id"]) for item in items}
         latents = [cases[c]["latent"] for c in sorted(wanted)]
-        manifest["scale_factor"] = latent_scale_factor(latents)
-        # Bounds the sampler's x_0 estimates (see LeadingDDIMScheduler): scaled latents stay within this range.
-        manifest["scaled_abs_max"] = latent_abs_max(latents) * manifest["scale_factor"]
+        manifest["scale_factor"], manifest["scaled_abs_max"] = latent_statistics(latents)
         shape = nib.load(latents[0]).shape
         manifest["latent_shape"] = [int(shape[3]), *map(int, shape[:3])]
         manifest["cases"] = cases
