@@ -138,3 +138,15 @@ def load_model_weights(
     info.load_state_dict(checkpoint["info"])
     network.load_state_dict(checkpoint["model"])
     return dict(checkpoint["info"])
+
+
+def load_network(
+    path: str | os.PathLike, network: torch.nn.Module, info: CheckpointInfo, map_location: Any = "cpu"
+) -> torch.nn.Module:
+    """:func:`load_model_weights`, returning the network in eval mode (for configs that define a ready network).
+
+    Raises:
+        GuideGenInputError: see :func:`load_model_weights`.
+    """
+    load_model_weights(path, network, info, map_location)
+    return network.eval()
