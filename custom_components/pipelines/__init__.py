@@ -4,6 +4,7 @@ from .autoencoder import AutoencoderPipeline, load_autoencoder, decode_file, enc
 from .mask_to_ct import MaskToCTPipeline, check_autoencoder_matches, ct_affine_for_mask, generate_cts
 from .ldm import LatentDiffusionSampler
 from .tcss import TCSSPipeline, save_masks
+from .text_to_pair import GeneratedPair, TextToPairPipeline, load_text_to_pair, resolve_device
 
 __all__ = [
     "AutoencoderPipeline",
@@ -19,4 +20,8 @@ __all__ = [
     "generate_cts",
     "TCSSPipeline",
     "save_masks",
+    "GeneratedPair",
+    "TextToPairPipeline",
+    "load_text_to_pair",
+    "resolve_device",
 ]
