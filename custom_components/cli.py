@@ -16,7 +16,7 @@ import fire
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["prepare", "demo_data", "generate", "synthesize", "package", "main"]
+__all__ = ["prepare", "demo_data", "generate", "synthesize", "evaluate", "package", "main"]
 
 
 def prepare(
@@ -369,6 +369,69 @@ def synthesize(
     return str(result)
 
 
+def evaluate(
+    *,
+    generated: str,
+    reference: str,
+    output_dir: str | None = None,
+    split: str = "validation",
+    segmentations_dir: str | None = None,
+    ts_version: str = "auto",
+    resample: bool = False,
+    inception_weights: str | None = None,
+    i3d_weights: str | None = None,
+    vgg_weights: str | None = None,
+    slices_per_axis: int = 16,
+    frame_size: int = 224,
+    class_map: str | None = None,
+    tracking_uri: str | None = None,
+    mlflow: bool = True,
+) -> str:
+    """Evaluate generated pairs against real ones with the paper's metrics; write metrics.json, metrics.md and figures.
+
+    Realism: FID over slices of all three axes (averaged), FVD with axial slices as frames, LPIPS over slices (paired
+    volumes: samples generated with --mask <a reference label>). Image-mask alignment: Dice and HD95 per organ between
+    each generated mask and a segmentation of its CT (--segmentations_dir). Mask-prompt alignment: tumor count and
+    location accuracy from each sample's record. A metric whose feature network's weights are not on disk reports
+    "unavailable: put weights at ..." instead of a number. Figures: axial slice montage, per-organ Dice bars,
+    tumor-location confusion matrix. Numbers and files are logged to MLflow (sqlite database in OUTPUT_DIR by default).
+
+    Args:
+        generated: a `guidegen generate` run folder or a `guidegen synthesize` output folder.
+        reference: a prepared datalist (guidegen prepare / demo-data) whose SPLIT list holds the real cases.
+        output_dir: where the report goes (default: GENERATED/evaluation).
+        split: datalist list of the reference cases.
+        segmentations_dir: segmentations of the generated CTs, <sample_id>.nii.gz (e.g. TotalSegmentator --ml output).
+        ts_version: labelling of those segmentations: auto, v1, v2 (TotalSegmentator) or guidegen (class indices).
+        resample: resample generated CTs to the reference spacing when they differ (default: refuse, saying so).
+        inception_weights: torchvision Inception-v3 weights file for FID (default: $GUIDEGEN_INCEPTION_WEIGHTS or
+            ~/.cache/guidegen/inception_v3_google-0cc3c7bd.pth).
+        i3d_weights: I3D Kinetics-400 RGB weights file for FVD (default: $GUIDEGEN_I3D_WEIGHTS or
+            ~/.cache/guidegen/i3d_rgb_imagenet.pt).
+        vgg_weights: torchvision VGG-16 weights file for LPIPS (default: $GUIDEGEN_VGG16_WEIGHTS or
+            ~/.cache/guidegen/vgg16-397923af.pth).
+        slices_per_axis: slices per volume and axis for FID.
+        frame_size: FVD frame size.
+        class_map: class map JSON (default: the reference datalist's).
+        tracking_uri: MLflow tracking URI (default: sqlite:///OUTPUT_DIR/mlruns.db).
+        mlflow: log to MLflow.
+
+    Returns:
+        the metrics.json path.
+    """
+    from custom_components.metrics.evaluate import evaluate_run
+
+    output = Path(output_dir) if output_dir else Path(generated) / "evaluation"
+    metrics = evaluate_run(generated, reference, output, split=split, class_map_path=class_map, segmentations_dir=segmentations_dir,
+                           ts_version=str(ts_version), resample=bool(resample),
+                           weights={"inception": inception_weights, "i3d": i3d_weights, "vgg": vgg_weights},
+                           slices_per_axis=int(slices_per_axis), frame_size=int(frame_size), tracking_uri=tracking_uri,
+                           log_to_mlflow=bool(mlflow))
+    print((output / "metrics.md").read_text(), file=sys.stderr)
+    print(f"evaluation of {metrics['num_generated']} samples written to {output}", file=sys.stderr)
+    return str(output / "metrics.json")
+
+
 def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
     """Zip bundles the way the MONAI model zoo distributes them: OUTPUT_DIR/<name>_v<version>.zip, each holding one
     top-level folder <name>/ (configs, docs, LICENSE, and models/model.pt when trained; resumable checkpoints and
@@ -394,7 +457,7 @@ def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
     return archives
 
 
-COMMANDS = {"prepare": prepare, "demo-data": demo_data, "generate": generate, "synthesize": synthesize, "package": package}
+COMMANDS = {"prepare": prepare, "demo-data": demo_data, "generate": generate, "synthesize": synthesize, "evaluate": evaluate, "package": package}
 
 
 def main(argv: list[str] | None = None) -> None:
