@@ -69,3 +69,21 @@ def example_files() -> dict[str, Path]:
     files = example_ct_files()
     assert all(path.is_file() for path in files.values()), files
     return files
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to download weights, or to open any network connection, fails loudly."""
+    import socket
+
+    import torch
+    import torchvision.models._api
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    # torchvision imported its own reference to the downloader.
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +27,8 @@ from custom_components.metrics import (
 SHAPE = (24, 24, 20)
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to download weights, or to open any network connection, fails loudly."""
-    import torchvision.models._api
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("tried to reach the network")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+# every test of this module fails loudly if it tries to download weights or reach the network
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _variance_preserving(net: torch.nn.Module) -> torch.nn.Module:

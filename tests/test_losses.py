@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import warnings
 from pathlib import Path
 
@@ -144,19 +143,8 @@ def test_hdr_window_bad_arguments() -> None:
 # --------------------------------------------------------------------------------------------------- perceptual
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to download weights, or to open any network connection, fails loudly."""
-    import torchvision.models._api
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("tried to reach the network")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    # torchvision imported its own reference to the downloader.
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+# every test of this module fails loudly if it tries to download weights or reach the network
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")
