@@ -1,6 +1,6 @@
 """Ignite-based training shared by the GuideGen bundles: trainer, stage iterations, checkpoints, DDP."""
 
-from .checkpoints import STAGES, CheckpointInfo, latest_checkpoint, load_model_weights, load_network, read_checkpoint_info, read_model_file
+from .checkpoints import STAGES, CheckpointInfo, compact_model_file, latest_checkpoint, load_model_weights, load_network, read_checkpoint_info, read_model_file
 from .handlers import ResumeFromLatest, TrainingCheckpointSaver, TrainingProgressBar
 from .distributed import (
     average_gradients,
@@ -21,6 +21,7 @@ __all__ = [
     "latest_checkpoint",
     "load_model_weights",
     "load_network",
+    "compact_model_file",
     "read_checkpoint_info",
     "read_model_file",
     "average_gradients",

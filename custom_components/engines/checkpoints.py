@@ -16,7 +16,7 @@ import torch
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["STAGES", "CheckpointInfo", "latest_checkpoint", "read_model_file", "read_checkpoint_info", "load_model_weights"]
+__all__ = ["STAGES", "CheckpointInfo", "latest_checkpoint", "read_model_file", "read_checkpoint_info", "load_model_weights", "load_network", "compact_model_file"]
 
 STAGES = ("tcss", "autoencoder", "ldm")
 
@@ -150,3 +150,29 @@ def load_network(
     """
     load_model_weights(path, network, info, map_location)
     return network.eval()
+
+
+def compact_model_file(path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Rewrite a model file with its floating-point weights stored in half precision (half the size on disk).
+
+    Loading needs no change: ``load_state_dict`` copies each stored tensor into the network's float32 parameter.
+    The info entry records ``weights_dtype`` so that the rounding is visible to whoever reads the file. Used for
+    the demo weights shipped in the repository (each model file must stay small); training always writes float32.
+
+    Args:
+        path: a model file (``{"model": state_dict, "info": {...}}``), rewritten atomically.
+        dtype: storage type of the floating tensors.
+
+    Returns:
+        the path.
+
+    Raises:
+        GuideGenInputError: see :func:`read_model_file`.
+    """
+    from custom_components.data.io import atomic_write
+
+    checkpoint = read_model_file(path)
+    model = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    info = {**dict(checkpoint["info"]), "weights_dtype": str(dtype).replace("torch.", "")}
+    state = {**checkpoint, "model": model, "info": info}
+    return atomic_write(path, lambda temporary: torch.save(state, str(temporary)))
