@@ -35,6 +35,9 @@ SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/do
 CLASS_MAP = REPO / "custom_components" / "data" / "resources" / "class_map_default.json"
 
 BUNDLES = ("guidegen_tcss", "guidegen_autoencoder", "guidegen_ldm")
+# the meta-bundle chaining them: configs and docs only, checked like the others where it applies
+PIPELINE = "guidegen_pipeline"
+ALL_BUNDLES = (*BUNDLES, PIPELINE)
 REQUIRED_FILES = ("configs/metadata.json", "configs/logging.conf", "docs/README.md", "docs/data_license.txt", "LICENSE")
 REQUIRED_PACKAGES = (
     "nibabel",
@@ -105,7 +108,7 @@ def test_schema_copies_are_verbatim():
 # ---------------------------------------------------------------- (a) verify_metadata, offline
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", ALL_BUNDLES)
 def test_verify_metadata_offline(name):
     meta = _bundle(name) / "configs" / "metadata.json"
     result = _verify_metadata(meta.relative_to(REPO))
@@ -117,7 +120,7 @@ def test_verify_metadata_offline(name):
     assert _metadata(name)["schema"] == SCHEMA_URL
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", ALL_BUNDLES)
 def test_verify_metadata_rejects_missing_required_key(name, tmp_path):
     meta = _metadata(name)
     del meta["version"]
@@ -130,7 +133,7 @@ def test_verify_metadata_rejects_missing_required_key(name, tmp_path):
     assert "Downloading" not in output, output
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", ALL_BUNDLES)
 def test_schema_checks_every_data_format(name):
     """The schema validates ``*_data_format`` entries too; a malformed tensor description is rejected."""
     schema = json.loads(SCHEMA.read_text())
@@ -147,7 +150,7 @@ def test_schema_checks_every_data_format(name):
 # ---------------------------------------------------------------- (b) version pins
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", ALL_BUNDLES)
 def test_pinned_versions_match_installed(name):
     meta = _metadata(name)
     assert meta["monai_version"] == _installed("monai")
@@ -162,8 +165,8 @@ def test_pinned_versions_match_installed(name):
 
 def test_bundles_pin_the_same_versions():
     keys = ("schema", "monai_version", "pytorch_version", "numpy_version", "required_packages_version")
-    first = _metadata(BUNDLES[0])
-    for name in BUNDLES[1:]:
+    first = _metadata(ALL_BUNDLES[0])
+    for name in ALL_BUNDLES[1:]:
         meta = _metadata(name)
         assert {k: meta[k] for k in keys} == {k: first[k] for k in keys}, name
 
@@ -171,7 +174,7 @@ def test_bundles_pin_the_same_versions():
 # ---------------------------------------------------------------- (c) layout, logging config, docs
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", ALL_BUNDLES)
 def test_bundle_layout(name):
     root = _bundle(name)
     for rel in REQUIRED_FILES:
@@ -185,7 +188,7 @@ def test_bundle_layout(name):
     assert "Apache License 2.0" in data_license
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", ALL_BUNDLES)
 def test_logging_conf_parses(name):
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
@@ -267,3 +270,14 @@ def test_generator_style_formats_follow_generator_schema():
     ae_schema = json.loads(json.dumps(properties["autoencoder_data_format"]))
     ae_schema["properties"]["inputs"]["required"] = ["image"]
     jsonschema.Draft4Validator(ae_schema).validate(_metadata("guidegen_autoencoder")["autoencoder_data_format"])
+
+
+def test_pipeline_bundle_chains_the_stage_bundles():
+    readme = (_bundle(PIPELINE) / "docs" / "README.md").read_text()
+    assert "python -m monai.bundle run inference --config_file bundles/guidegen_pipeline/configs/inference.yaml" in readme
+    assert "guidegen generate" in readme and "## Data license" in readme and "## Intended use: research only" in readme
+    config = (_bundle(PIPELINE) / "configs" / "inference.yaml").read_text()
+    assert "%" not in config.split("imports:")[1]  # no %file#id macros: they resolve against the working directory
+    meta = _metadata(PIPELINE)
+    assert meta["network_data_format"]["inputs"]["text"]["type"] == "string"
+    assert meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] == [256, 256, 256]

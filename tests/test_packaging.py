@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from custom_components.errors import GuideGenInputError
-from custom_components.packaging import BUNDLE_NAMES, package_bundle, package_bundles
+from custom_components.packaging import ALL_BUNDLES, BUNDLE_NAMES, package_bundle, package_bundles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,14 +19,16 @@ def test_every_bundle_zips_to_name_and_version_with_one_top_folder(tmp_path):
     archives = package_bundles(tmp_path)
     assert [a.name for a in archives] == [
         f"{name}_v{json.loads((ROOT / 'bundles' / name / 'configs/metadata.json').read_text())['version']}.zip"
-        for name in BUNDLE_NAMES
+        for name in ALL_BUNDLES
     ]
-    for name, archive in zip(BUNDLE_NAMES, archives):
+    for name, archive in zip(ALL_BUNDLES, archives):
         names = zipfile.ZipFile(archive).namelist()
         assert {n.split("/")[0] for n in names} == {name}
-        for required in ("configs/metadata.json", "configs/inference.yaml", "configs/train.yaml", "configs/logging.conf",
-                         "docs/README.md", "LICENSE"):
+        for required in ("configs/metadata.json", "configs/inference.yaml", "configs/logging.conf", "docs/README.md", "LICENSE"):
             assert f"{name}/{required}" in names, required
+        if name in BUNDLE_NAMES:  # stage bundles: training configs and the shipped demo weights with their md5
+            for required in ("configs/train.yaml", "configs/train_cpu.yaml", "configs/multi_gpu_train.yaml", "models/model.pt", "large_files.yml"):
+                assert f"{name}/{required}" in names, required
 
 
 def test_checkpoints_and_run_outputs_stay_out_but_the_model_goes_in(tmp_path):

@@ -1,0 +1,76 @@
+"""The demo weights shipped in the stage bundles: listed with their md5, small, mutually consistent, and useful enough
+to show the chain working (a torso-shaped mask with organs; a CT whose body is denser than the air around it)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from custom_components.data.latent_cache import file_sha256
+from custom_components.packaging import BUNDLE_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_weights_are_small_and_listed_with_their_md5(name):
+    bundle = ROOT / "bundles" / name
+    model = bundle / "models" / "model.pt"
+    assert model.is_file(), "demo weights missing: run scripts/train_demo.sh"
+    assert model.stat().st_size < 25 * 2**20
+    entries = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    assert entries == [{"path": "models/model.pt", "url": "models/model.pt", "hash_val": hashlib.md5(model.read_bytes()).hexdigest(),
+                        "hash_type": "md5"}]
+    # MONAI's own tool accepts them in place (it would try to download a file that is missing or has another hash)
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(bundle)],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped downloading" in result.stdout + result.stderr
+
+
+def test_the_latent_generator_was_trained_on_the_shipped_autoencoder():
+    info = torch.load(ROOT / "bundles/guidegen_ldm/models/model.pt", weights_only=True)["info"]
+    assert info["autoencoder_sha256"] == file_sha256(ROOT / "bundles/guidegen_autoencoder/models/model.pt")
+    tcss = torch.load(ROOT / "bundles/guidegen_tcss/models/model.pt", weights_only=True)["info"]
+    assert tcss["mask_size"] == info["mask_size"]
+
+
+def test_demo_chain_makes_a_torso_not_noise():
+    from custom_components.pipelines.text_to_pair import load_text_to_pair
+
+    pipeline, _ = load_text_to_pair(device="cpu")
+    prompt = ("The patient is a 63-year-old White male. In this imaging, the patient's condition is described as "
+              "hepatocellular carcinoma, with a tumor in the liver, measuring 30 mm, stage II.")
+    pair = pipeline(prompt, seed=0, tcss_steps=50, ldm_steps=50, progress=False)
+    classes, counts = np.unique(pair.mask, return_counts=True)
+    fractions = dict(zip(classes.tolist(), (counts / pair.mask.size).tolist()))
+    assert 0.1 < 1.0 - fractions.get(0, 0.0) < 0.9, fractions  # a body inside a background border
+    assert len([c for c in classes if c != 0]) >= 5, fractions  # several organs, not one blob
+    body = pair.mask_on_ct_grid() > 0
+    assert pair.ct[body].mean() > pair.ct[~body].mean() + 300, (pair.ct[body].mean(), pair.ct[~body].mean())
+
+
+def test_compacted_model_files_load_into_float32_networks(tmp_path):
+    from custom_components.engines import CheckpointInfo, compact_model_file, load_network, read_checkpoint_info
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv3d(8, 2, 1))
+    path = tmp_path / "model.pt"
+    torch.save({"model": network.state_dict(), "info": {"stage": "tcss", "num_classes": 20}}, path)
+    full_size = path.stat().st_size
+    compact_model_file(path)
+    assert path.stat().st_size < 0.75 * full_size
+    assert read_checkpoint_info(path)["weights_dtype"] == "float16"
+    loaded = load_network(path, torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv3d(8, 2, 1)),
+                          CheckpointInfo("tcss", 20))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.randn(1, 2, 6, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), network.eval()(x), atol=2e-3, rtol=2e-3)
+        assert not torch.equal(loaded(x), network(x))  # the rounding happened
