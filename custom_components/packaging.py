@@ -7,6 +7,7 @@ A model-zoo archive is ``<name>_v<version>.zip`` holding one top-level folder ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -16,9 +17,13 @@ from pathlib import Path
 from custom_components.data.io import atomic_write
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["BUNDLE_NAMES", "package_bundle", "package_bundles"]
+__all__ = ["ALL_BUNDLES", "BUNDLE_NAMES", "META_BUNDLE", "package_bundle", "package_bundles", "write_large_files"]
 
+# the stage bundles, each with its own network and weights
 BUNDLE_NAMES = ("guidegen_tcss", "guidegen_autoencoder", "guidegen_ldm")
+# the meta-bundle chaining them (configs only)
+META_BUNDLE = "guidegen_pipeline"
+ALL_BUNDLES = (*BUNDLE_NAMES, META_BUNDLE)
 # Training by-products that never belong in a distributed bundle: resumable checkpoints, run outputs, caches.
 _EXCLUDED_DIRS = {"outputs", "eval", "__pycache__", ".ipynb_checkpoints"}
 
@@ -60,15 +65,50 @@ def package_bundle(bundle_dir: str | os.PathLike, output_dir: str | os.PathLike)
     return atomic_write(Path(output_dir) / f"{name}_v{version}.zip", write)
 
 
-def package_bundles(output_dir: str | os.PathLike, names: Sequence[str] = BUNDLE_NAMES) -> list[Path]:
-    """Package several GuideGen bundles (default: all three) from this source tree.
+def package_bundles(output_dir: str | os.PathLike, names: Sequence[str] = ALL_BUNDLES) -> list[Path]:
+    """Package several GuideGen bundles (default: the three stages and the meta-bundle) from this source tree.
 
     Raises:
         GuideGenInputError: an unknown bundle name.
     """
     from custom_components.bundles import bundle_dir
 
-    unknown = [n for n in names if n not in BUNDLE_NAMES]
+    unknown = [n for n in names if n not in ALL_BUNDLES]
     if unknown:
-        raise GuideGenInputError(f"unknown bundle(s) {unknown}; choose from {list(BUNDLE_NAMES)}")
+        raise GuideGenInputError(f"unknown bundle(s) {unknown}; choose from {list(ALL_BUNDLES)}")
     return [package_bundle(bundle_dir(name), output_dir) for name in names]
+
+
+def write_large_files(name: str) -> Path:
+    """Record a bundle's model files with their md5 in ``<bundle>/large_files.yml`` (the model zoo's format).
+
+    The demo weights are committed with the bundle, so ``python -m monai.bundle download_large_files
+    --bundle_path <bundle>`` finds them in place and only verifies their hash; ``url`` names where the file lives
+    inside the bundle.
+
+    Args:
+        name: bundle name, e.g. ``guidegen_tcss``.
+
+    Returns:
+        the file written.
+
+    Raises:
+        GuideGenInputError: the bundle has no ``models/model.pt`` (train it first).
+    """
+    from custom_components.bundles import bundle_dir
+
+    root = Path(bundle_dir(name))
+    model = root / "models" / "model.pt"
+    if not model.is_file():
+        raise GuideGenInputError(f"{model} does not exist: train the bundle first (scripts/train_demo.sh)")
+    digest = hashlib.md5(model.read_bytes()).hexdigest()
+    text = (
+        "# Weights shipped with this bundle (demo weights made by scripts/train_demo.sh); monai.bundle\n"
+        "# download_large_files checks their md5 and does not download files that are already in place.\n"
+        "large_files:\n"
+        '  - path: "models/model.pt"\n'
+        '    url: "models/model.pt"\n'
+        f'    hash_val: "{digest}"\n'
+        '    hash_type: "md5"\n'
+    )
+    return atomic_write(root / "large_files.yml", lambda temporary: temporary.write_text(text))
