@@ -1,5 +1,5 @@
 """The demo weights shipped in the stage bundles: listed with their md5, small, mutually consistent, and useful enough
-to show the chain working (a torso-shaped mask with organs; a CT whose body is denser than the air around it)."""
+to show the chain working (a torso-shaped mask with organs; a CT whose organs have their tissue's HU)."""
 
 from __future__ import annotations
 
@@ -53,21 +53,25 @@ def test_demo_chain_makes_a_torso_not_noise():
     fractions = dict(zip(classes.tolist(), (counts / pair.mask.size).tolist()))
     assert 0.1 < 1.0 - fractions.get(0, 0.0) < 0.9, fractions  # a body inside a background border
     assert len([c for c in classes if c != 0]) >= 5, fractions  # several organs, not one blob
-    body = pair.mask_on_ct_grid() > 0
-    assert pair.ct[body].mean() > pair.ct[~body].mean() + 300, (pair.ct[body].mean(), pair.ct[~body].mean())
+    # the CT follows the mask: air-filled lungs, soft-tissue liver, denser bone (HU of the mask's organs)
+    from custom_components.data.class_map import load_class_map
+
+    labels, class_map = pair.mask_on_ct_grid(), load_class_map(None)
+    hu = {name: float(pair.ct[labels == class_map.index_of(name)].mean()) for name in ("lung", "liver", "bone")}
+    assert hu["lung"] < -500 < -100 < hu["liver"] < 300 and hu["bone"] > hu["liver"], hu
 
 
 def test_compacted_model_files_load_into_float32_networks(tmp_path):
     from custom_components.engines import CheckpointInfo, compact_model_file, load_network, read_checkpoint_info
 
-    network = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv3d(8, 2, 1))
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 32, 3), torch.nn.GroupNorm(2, 32), torch.nn.Conv3d(32, 2, 1))
     path = tmp_path / "model.pt"
     torch.save({"model": network.state_dict(), "info": {"stage": "tcss", "num_classes": 20}}, path)
     full_size = path.stat().st_size
     compact_model_file(path)
     assert path.stat().st_size < 0.75 * full_size
     assert read_checkpoint_info(path)["weights_dtype"] == "float16"
-    loaded = load_network(path, torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv3d(8, 2, 1)),
+    loaded = load_network(path, torch.nn.Sequential(torch.nn.Conv3d(2, 32, 3), torch.nn.GroupNorm(2, 32), torch.nn.Conv3d(32, 2, 1)),
                           CheckpointInfo("tcss", 20))
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.randn(1, 2, 6, 6, 6)

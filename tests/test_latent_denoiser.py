@@ -336,9 +336,10 @@ def test_guidance_scale_one_is_unguided_and_seeds() -> None:
     assert torch.isfinite(guided).all() and not torch.allclose(guided, plain, atol=1e-4)
     assert torch.equal(guided, sampler(masks, prompts, guidance_scale=3.0, seed=0, **kwargs))
     assert not torch.allclose(sampler(masks, prompts, guidance_scale=3.0, seed=1, **kwargs), guided, atol=1e-3)
-    # s = 0 is the unconditional model (batched null pass vs a separate one: equal up to rounding).
+    # s = 0 is the unconditional model (batched null pass vs a separate one: equal up to rounding, which three DDIM
+    # steps from t ~ T amplify by 1/sqrt(alpha_bar_t) through the x_0 estimate: hence the relative tolerance).
     torch.testing.assert_close(
-        sampler(masks, prompts, guidance_scale=0.0, seed=0, **kwargs), sampler(masks, None, seed=0, **kwargs)
+        sampler(masks, prompts, guidance_scale=0.0, seed=0, **kwargs), sampler(masks, None, seed=0, **kwargs), rtol=1e-2, atol=1e-3
     )
 
 
