@@ -10,7 +10,7 @@ same prompts (the demo validation records, each ``--samples`` times) are sampled
 - wall time per sample (batched sampling, ``--batch`` masks at a time).
 
 Usage (prints one JSON object; needs the demo data set for the records: `guidegen demo-data --output_dir demo`):
-    .venv/bin/python bench/bench_tcss_steps.py --steps 50,1000 --samples 2
+    .venv/bin/python bench/bench_tcss_steps.py --steps 50,1000 --samples 1 --max_records 3
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--datalist", default=str(ROOT / "demo" / "datalist.json"))
     parser.add_argument("--model", default=None, help="TCSS model file (default: the bundle's demo weights)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_records", type=int, default=0, help="use only the first N records (0: all)")
     args = parser.parse_args()
 
     from custom_components.bundles import bundle_config
@@ -45,6 +46,7 @@ def main() -> None:
     content = load_datalist(args.datalist, splits=["training", "validation"])
     records = [item["record"] for split in ("training", "validation") for item in content[split] if item.get("record")]
     records = [r for r in records if r.get("tumor_count")] or records
+    records = records[: args.max_records] if args.max_records else records
     prompts = [item["text"] for split in ("training", "validation") for item in content[split] if item.get("record") in records]
     prompts, records = prompts * args.samples, records * args.samples
     results = {"model": str(config.get_parsed_content("model_path")), "prompts": len(prompts), "threads": torch.get_num_threads(),
