@@ -228,3 +228,18 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (Path, os.PathLike)):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def labels_on_grid(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A label volume resampled (nearest neighbour) to ``shape`` over the same field of view; unchanged if it fits.
+
+    With ``shape`` an integer multiple of the labels' grid (paper: 128³ masks, 256³ CTs) every output voxel takes the
+    label of the voxel it lies in, exactly.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(labels.shape) == tuple(shape):
+        return labels
+    resized = F.interpolate(torch.as_tensor(labels.astype(np.float32))[None, None], size=tuple(shape), mode="nearest")
+    return resized[0, 0].numpy().astype(labels.dtype)

@@ -17,10 +17,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from custom_components.data.io import check_same_field_of_view, load_nifti, read_volume, save_nifti, write_json
+from custom_components.data.io import check_same_field_of_view, labels_on_grid, load_nifti, read_volume, save_nifti, write_json
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["dataset_folder_name", "write_nnunet_dataset", "check_nnunet_raw_dataset"]
@@ -39,13 +37,6 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise GuideGenInputError(f"nnU-Net dataset name '{name}' may only hold letters, digits, '_' and '-'")
     return f"Dataset{int(dataset_id):03d}_{name}"
-
-
-def _mask_on_ct_grid(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    if tuple(mask.shape) == tuple(shape):
-        return mask
-    resampled = F.interpolate(torch.as_tensor(mask.astype(np.float32))[None, None], size=tuple(shape), mode="nearest")
-    return resampled[0, 0].numpy().astype(mask.dtype)
 
 
 def write_nnunet_dataset(
@@ -90,7 +81,7 @@ def write_nnunet_dataset(
             )
         ct = read_volume(ct_nii, f"CT of case '{case_id}'")
         save_nifti(np.rint(ct), ct_nii.affine, folder / "imagesTr" / f"{case_id}_0000.nii.gz", np.int16)
-        save_nifti(_mask_on_ct_grid(mask, ct.shape), ct_nii.affine, folder / "labelsTr" / f"{case_id}.nii.gz", np.uint8)
+        save_nifti(labels_on_grid(mask, ct.shape), ct_nii.affine, folder / "labelsTr" / f"{case_id}.nii.gz", np.uint8)
     write_json(
         {
             "channel_names": {"0": "CT"},

@@ -152,12 +152,6 @@ def _feature_metrics(generated: list[np.ndarray], reference: list[np.ndarray], p
     return results
 
 
-def _on_grid(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    if tuple(volume.shape) == tuple(shape):
-        return volume
-    return F.interpolate(torch.as_tensor(volume, dtype=torch.float32)[None, None], size=tuple(shape), mode="nearest")[0, 0].numpy()
-
-
 def _image_mask_alignment(samples: Sequence[GeneratedSample], segmentations_dir: str | None, ts_version: str,
                           class_map: ClassMap) -> dict[str, Any]:
     """Dice and HD95 per organ between each generated mask and a segmentation of its CT."""

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from custom_components.data.io import centred_affine
+from custom_components.data.io import centred_affine, labels_on_grid
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["GeneratedPair", "TextToPairPipeline", "load_text_to_pair", "resolve_device"]
@@ -62,10 +61,7 @@ class GeneratedPair:
         With the CT grid an integer multiple of the mask grid (paper: 256 vs 128) every CT voxel takes the label of
         the mask voxel it lies in, exactly.
         """
-        if self.mask.shape == self.ct.shape:
-            return self.mask
-        resized = F.interpolate(torch.as_tensor(self.mask, dtype=torch.float32)[None, None], size=self.ct.shape, mode="nearest")
-        return resized[0, 0].numpy().astype(self.mask.dtype)
+        return labels_on_grid(self.mask, self.ct.shape)
 
 
 class TextToPairPipeline:
