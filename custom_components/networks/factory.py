@@ -30,6 +30,7 @@ def build_text_conditioned_unet(
     injection_layers: int = 2,
     injection_heads: int = 8,
     dropout: float = 0.0,
+    inference_slab_rows: int | None = 4,
 ) -> TextConditionedUNet:
     """A :class:`CrossAttentionUNet3D` whose per-level contexts come from :class:`KnowledgeInjection`
     (paper Eq. 3-4 feeding the denoiser of Eq. 5-6 for TCSS, or Eq. 10-11 for the latent generator).
@@ -50,6 +51,8 @@ def build_text_conditioned_unet(
         injection_layers: its transformer-decoder blocks.
         injection_heads: its attention heads.
         dropout: dropout in the U-Net's residual blocks and the decoder.
+        inference_slab_rows: rows per slab of the U-Net's memory-lean inference (None: plain forward); not part of
+            the architecture (any value gives the same result), see :class:`CrossAttentionUNet3D`.
 
     Returns:
         the composed network ``network(x, t, text_features, text_mask)``.
@@ -65,6 +68,7 @@ def build_text_conditioned_unet(
         norm_num_groups=norm_num_groups,
         dropout=dropout,
         use_checkpointing=use_checkpointing,
+        inference_slab_rows=inference_slab_rows,
     )
     injector = KnowledgeInjection(
         text_dim=text_dim,

@@ -39,6 +39,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from custom_components.networks.layers import same_conv3d as _conv
+from custom_components.networks.slabs import (
+    LazyRows,
+    conv_in_slabs,
+    conv_rows,
+    cross_attention_in_slabs,
+    materialize,
+    norm_silu_conv_in_slabs,
+    resblock_in_slabs,
+    upsample_conv_rows,
+)
 
 __all__ = ["CrossAttentionUNet3D", "TextConditionedUNet", "VoxelCrossAttention"]
 
@@ -267,6 +277,10 @@ class CrossAttentionUNet3D(nn.Module):
         dropout: dropout in residual blocks and cross-attention.
         use_checkpointing: recompute every residual/attention block in the backward pass (training only) to
             save activation memory; results are identical.
+        inference_slab_rows: in eval mode without gradients (sampling), compute every residual block, convolution
+            and cross-attention this many rows of the first spatial axis at a time
+            (:mod:`~custom_components.networks.slabs`): same result up to float rounding, a fraction of the memory
+            at 128³. None: always the plain forward pass.
 
     Raises:
         ValueError: for inconsistent level settings, channels not divisible by ``norm_num_groups`` or (at
@@ -286,8 +300,12 @@ class CrossAttentionUNet3D(nn.Module):
         context_dims: Sequence[int] | None = None,
         dropout: float = 0.0,
         use_checkpointing: bool = False,
+        inference_slab_rows: int | None = 4,
     ) -> None:
         super().__init__()
+        if inference_slab_rows is not None and int(inference_slab_rows) < 1:
+            raise ValueError(f"inference_slab_rows must be a positive int or None, got {inference_slab_rows}.")
+        self.inference_slab_rows = None if inference_slab_rows is None else int(inference_slab_rows)
         channels = tuple(int(c) for c in channels)
         cross_attention_levels = tuple(bool(f) for f in cross_attention_levels)
         self_attention_levels = tuple(bool(f) for f in self_attention_levels)
@@ -527,6 +545,11 @@ class CrossAttentionUNet3D(nn.Module):
         # The sinusoidal features are float32; cast to the activations' dtype (e.g. under fp16/bf16).
         emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
 
+        # eval mode too: the slab-wise blocks apply no dropout
+        rows = self.inference_slab_rows if not (torch.is_grad_enabled() or self.training) else None
+        if rows is not None:
+            return self._forward_in_slabs(x, emb, ctx, rows)
+
         h = self.conv_in(x)
         skips = [h]
         for level, enc in enumerate(self.encoder):
@@ -549,6 +572,48 @@ class CrossAttentionUNet3D(nn.Module):
 
         out: Tensor = self.out(h)
         return out
+
+    def _forward_in_slabs(self, x: Tensor, emb: Tensor, ctx: list[Tensor | None], rows: int) -> Tensor:
+        """:meth:`forward` without gradients, computed ``rows`` rows at a time (:mod:`~custom_components.networks.slabs`).
+
+        Residual blocks and cross-attention run slab-wise (whole feature maps exist only for their inputs and
+        outputs); self-attention (lowest resolution only) runs as usual. The input convolution's output and every
+        upsampling are :class:`LazyRows`, recomputed where they are read instead of kept: the input convolution is
+        cheap (few input channels) and is read again only by the last decoder unit, and an upsampling is read by one
+        unit only.
+        """
+
+        def unit(u: _Unit, parts: list[Tensor | LazyRows], level: int) -> Tensor:
+            out = resblock_in_slabs(u.resnet, parts, emb, rows)
+            if u.self_attn is not None:
+                out = u.self_attn(out)
+            if u.cross_attn is not None:
+                out = cross_attention_in_slabs(u.cross_attn, out, ctx[level], rows)
+            return out
+
+        h: Tensor | LazyRows = conv_rows(self.conv_in, x)
+        skips = [h]
+        for level, enc in enumerate(self.encoder):
+            for u in enc.units:
+                h = unit(u, [h], level)
+                skips.append(h)
+            if enc.downsample is not None:
+                source = materialize(h, rows)
+                h = conv_in_slabs(enc.downsample.op, lambda lo, hi: source[:, :, lo:hi], source.shape[2], rows)
+                skips.append(h)
+
+        for u in self.middle:
+            h = unit(u, [h], self.num_levels - 1)
+
+        for i, dec in enumerate(self.decoder):
+            level = self.num_levels - 1 - i
+            for u in dec.units:
+                h = unit(u, [h, skips.pop()], level)
+            if dec.upsample is not None:
+                h = upsample_conv_rows(dec.upsample, materialize(h, rows))
+
+        norm, _, conv = self.out
+        return norm_silu_conv_in_slabs(norm, conv, materialize(h, rows), rows)
 
 
 class TextConditionedUNet(nn.Module):
