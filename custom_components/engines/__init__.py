@@ -1,6 +1,7 @@
 """Ignite-based training shared by the GuideGen bundles: trainer, stage iterations, checkpoints, DDP."""
 
 from .checkpoints import STAGES, CheckpointInfo, compact_model_file, latest_checkpoint, load_model_weights, load_network, read_checkpoint_info, read_model_file
+from .residency import StageResidency
 from .handlers import ResumeFromLatest, TrainingCheckpointSaver, TrainingProgressBar
 from .distributed import (
     average_gradients,
@@ -24,6 +25,7 @@ __all__ = [
     "compact_model_file",
     "read_checkpoint_info",
     "read_model_file",
+    "StageResidency",
     "average_gradients",
     "broadcast_parameters",
     "cleanup_distributed",

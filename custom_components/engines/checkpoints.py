@@ -91,7 +91,8 @@ def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not path.is_file():
         raise GuideGenInputError(f"model weights {path} not found; train the bundle first or point the config at the file")
     try:
-        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+        # mmap: reading the info entry (or copying weights into a network) does not pull the whole file into memory
+        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise GuideGenInputError(f"model weights {path} cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "info" not in checkpoint:

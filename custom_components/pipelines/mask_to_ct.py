@@ -127,8 +127,19 @@ class MaskToCTPipeline:
         seed: int | None, progress: bool,
     ) -> torch.Tensor:
         """:meth:`__call__` for masks already passed through :meth:`check_mask`."""
-        latents = self.sampler(masks[:, None], list(prompts), num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, seed=seed, progress=progress)
+        latents = self.sample_latents(masks, prompts, num_inference_steps, guidance_scale, seed, progress)
+        return self.decode_latents(latents, masks)
+
+    def sample_latents(
+        self, masks: torch.Tensor, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
+        seed: int | None, progress: bool,
+    ) -> torch.Tensor:
+        """Stage III alone: (B, *mask_size) checked masks + prompts -> scaled latents (Eq. 10-11)."""
+        return self.sampler(masks[:, None], list(prompts), num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, seed=seed, progress=progress)
+
+    def decode_latents(self, latents: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Stage II's decoder alone: scaled latents + their masks -> (B, 1, *ct_size) CT in HU."""
         return self.autoencoder.decode(latents / self.scale_factor, masks[:, None])
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from custom_components.data.io import centred_affine, save_nifti, write_json
 from custom_components.data.preview import render_preview, save_preview
+from custom_components.engines.residency import return_freed_memory
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["TCSSPipeline", "save_masks"]
@@ -74,6 +75,10 @@ class TCSSPipeline:
             timesteps = torch.full((len(prompts),), int(t), device=self.device, dtype=torch.long)
             logits = self.network(x_t, timesteps, text_features, text_mask)
             x_t = self.scheduler.step(logits.float(), int(t), x_t, generator=generator)
+            del logits
+            # the step's temporaries are freed but stay resident in the heap; without this, they add to the next
+            # forward pass's peak (≈ 0.15 GiB at 128³)
+            return_freed_memory()
         return x_t.argmax(dim=1).cpu()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from custom_components.data.io import centred_affine, labels_on_grid
+from custom_components.engines.residency import StageResidency
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["GeneratedPair", "TextToPairPipeline", "load_text_to_pair", "resolve_device"]
@@ -71,9 +72,13 @@ class TextToPairPipeline:
         tcss: the stage 1 pipeline (None: masks must be given).
         mask_to_ct: the stage III + II pipeline.
         mask_spacing_mm: voxel size of generated masks (the training masks' median spacing).
+        residency: keeps only the running stage's network loaded (stage names ``tcss``, ``ldm``, ``autoencoder``);
+            None: all stay loaded.
     """
 
-    def __init__(self, tcss: Any | None, mask_to_ct: Any, mask_spacing_mm: Sequence[float]) -> None:
+    def __init__(
+        self, tcss: Any | None, mask_to_ct: Any, mask_spacing_mm: Sequence[float], residency: StageResidency | None = None
+    ) -> None:
         if tcss is not None:
             if tuple(tcss.spatial_size) != tuple(mask_to_ct.mask_size):
                 raise GuideGenInputError(
@@ -88,6 +93,13 @@ class TextToPairPipeline:
         self.tcss = tcss
         self.mask_to_ct = mask_to_ct
         self.mask_spacing_mm = tuple(float(s) for s in mask_spacing_mm)
+        self.residency = residency
+
+    def activate_stage(self, name: str) -> None:
+        """Load the network of stage ``name`` (``tcss``, ``ldm`` or ``autoencoder``) and, unless the pipeline keeps
+        all models loaded, release the others. :meth:`__call__` does this itself before each stage."""
+        if self.residency is not None:
+            self.residency.activate(name)
 
     @property
     def num_classes(self) -> int:
@@ -126,12 +138,16 @@ class TextToPairPipeline:
         if mask is None:
             if self.tcss is None:
                 raise GuideGenInputError("this pipeline was built without the TCSS model: pass a mask")
+            self.activate_stage("tcss")
             mask = self.tcss([prompt], num_inference_steps=int(tcss_steps), seed=int(seed), progress=progress)[0].numpy()
         mask = np.asarray(mask, dtype=np.int64)
         if mask_affine is None:
             mask_affine = centred_affine(mask.shape, self.mask_spacing_mm)
-        ct = self.mask_to_ct._generate(torch.as_tensor(mask[None]), [prompt], int(ldm_steps), float(guidance_scale), int(seed), progress)
-        ct = ct[0, 0].numpy()
+        masks = torch.as_tensor(mask[None])
+        self.activate_stage("ldm")
+        latents = self.mask_to_ct.sample_latents(masks, [prompt], int(ldm_steps), float(guidance_scale), int(seed), progress)
+        self.activate_stage("autoencoder")
+        ct = self.mask_to_ct.decode_latents(latents, masks)[0, 0].numpy()
         from custom_components.pipelines.mask_to_ct import ct_affine_for_mask
 
         return GeneratedPair(mask=mask, mask_affine=np.asarray(mask_affine, dtype=np.float64), ct=ct,
@@ -161,6 +177,7 @@ def load_text_to_pair(
     decode_tile: int | None = None,
     allow_autoencoder_mismatch: bool = False,
     with_tcss: bool = True,
+    keep_models_loaded: bool = False,
 ) -> tuple[TextToPairPipeline, dict[str, str]]:
     """Build the chain from the three stage bundles' ``inference.yaml`` (their schedulers, clipping and defaults).
 
@@ -172,6 +189,10 @@ def load_text_to_pair(
         decode_tile: autoencoder decode tile (None: the autoencoder bundle's default).
         allow_autoencoder_mismatch: decode with an autoencoder other than the one the generator was trained on.
         with_tcss: also load stage 1 (False for mask-conditioned runs).
+        keep_models_loaded: keep all networks loaded between stages; by default only the running stage's network is
+            (:class:`~custom_components.engines.residency.StageResidency`: the others wait in their model files on the
+            CPU, in host memory on a GPU), which lowers the peak memory by the other networks' size at the cost of
+            reading each model file again per sample.
 
     Returns:
         the pipeline, and the model files actually used (stage -> absolute path).
@@ -201,4 +222,10 @@ def load_text_to_pair(
         tcss = _parsed(tcss_config, "pipeline")
     if spacing is None:
         spacing = [1.0, 1.0, 1.0]
-    return TextToPairPipeline(tcss, mask_to_ct, spacing), files
+    networks = {"ldm": (mask_to_ct.sampler.network, files["ldm"]),
+                "autoencoder": (mask_to_ct.autoencoder.network, files["autoencoder"])}
+    if tcss is not None:
+        networks["tcss"] = (tcss.network, files["tcss"])
+    residency = StageResidency(networks, device, enabled=not keep_models_loaded)
+    residency.activate()  # every stage loads its own network when it runs
+    return TextToPairPipeline(tcss, mask_to_ct, spacing, residency), files
