@@ -7,16 +7,20 @@ same prompts (the demo validation records, each ``--samples`` times) are sampled
 - class-volume fractions: the mean share of the mask each class takes (and the L1 distance between the two runs'
   fraction vectors);
 - tumor count and tumor location accuracy against the records (paper Fig. 3b; location over samples with a tumor);
-- wall time per sample (batched sampling, ``--batch`` masks at a time).
+- wall time per sample (all prompts sampled as one batch).
+
+``--repeats R`` samples everything R times with seeds ``seed .. seed + R - 1``: times are the median over the
+repeats, fractions and accuracies are over all R runs' samples.
 
 Usage (prints one JSON object; needs the demo data set for the records: `guidegen demo-data --output_dir demo`):
-    .venv/bin/python bench/bench_tcss_steps.py --steps 50,1000 --samples 1 --max_records 3
+    .venv/bin/python bench/bench_tcss_steps.py --steps 50,1000 --samples 1 --max_records 1 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="TCSS model file (default: the bundle's demo weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_records", type=int, default=0, help="use only the first N records (0: all)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per step count, seeds seed .. seed + repeats - 1")
     args = parser.parse_args()
 
     from custom_components.bundles import bundle_config
@@ -50,18 +55,23 @@ def main() -> None:
     prompts = [item["text"] for split in ("training", "validation") for item in content[split] if item.get("record") in records]
     prompts, records = prompts * args.samples, records * args.samples
     results = {"model": str(config.get_parsed_content("model_path")), "prompts": len(prompts), "threads": torch.get_num_threads(),
-               "mask_size": list(pipeline.spatial_size), "runs": {}}
+               "mask_size": list(pipeline.spatial_size), "repeats": args.repeats, "runs": {}}
     fractions_by_steps = {}
     for steps in [int(s) for s in args.steps.split(",")]:
-        start = time.perf_counter()
-        masks = pipeline(prompts, num_inference_steps=steps, seed=args.seed, progress=True).numpy()
-        seconds = time.perf_counter() - start
+        times, batches = [], []
+        for repeat in range(args.repeats):
+            start = time.perf_counter()
+            batches.append(pipeline(prompts, num_inference_steps=steps, seed=args.seed + repeat, progress=True).numpy())
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        masks = np.concatenate(batches)
         fractions = np.stack([np.bincount(m.ravel(), minlength=class_map.num_classes) / m.size for m in masks]).mean(0)
-        alignments = [tumor_alignment(m, r, class_map) for m, r in zip(masks, records)]
+        alignments = [tumor_alignment(m, r, class_map) for m, r in zip(masks, records * args.repeats)]
         located = [a.location_correct for a in alignments if a.location_correct is not None]
         fractions_by_steps[steps] = fractions
         results["runs"][str(steps)] = {
             "seconds_per_sample": round(seconds / len(prompts), 2),
+            "seconds_per_run": [round(t, 1) for t in times],
             "class_fractions": {name: round(float(f), 4) for name, f in zip(class_map.class_names, fractions)},
             "tumor_count_accuracy": round(float(np.mean([a.count_correct for a in alignments])), 3),
             "tumor_location_accuracy": round(float(np.mean(located)), 3) if located else None,
