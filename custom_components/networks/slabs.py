@@ -287,13 +287,17 @@ def resblock_in_slabs(block: nn.Module, parts: Sequence[Part], emb: Tensor, slab
 
 
 def conv_rows(conv_module: nn.Module, x: Tensor) -> LazyRows:
-    """A 'same' stride-1 convolution of ``x`` as :class:`LazyRows` (each request convolves its rows and halo)."""
+    """A 'same' stride-1 convolution of ``x`` as :class:`LazyRows` (each request convolves its rows and halo).
+
+    ``x`` may be a one-hot in an integer or bool dtype: each request converts only its own rows to the weight's dtype.
+    """
     conv = _conv3d(conv_module)
     rows = x.shape[2]
 
     def compute(lo: int, hi: int) -> Tensor:
         first, last = _input_window(conv, lo, hi)
-        return _conv_rows_from(conv, x[:, :, max(first, 0):min(last, rows)], first, last, rows)
+        window = x[:, :, max(first, 0):min(last, rows)]
+        return _conv_rows_from(conv, window if window.is_floating_point() else window.to(conv.weight.dtype), first, last, rows)
 
     return LazyRows((x.shape[0], conv.out_channels) + tuple(x.shape[2:]), compute)
 

@@ -525,7 +525,9 @@ class CrossAttentionUNet3D(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, contexts: Sequence[Tensor | None] | None = None) -> Tensor:
         """
         Args:
-            x: (B, in_channels, H, W, D) input; H, W, D divisible by ``2 ** (num_levels - 1)``.
+            x: (B, in_channels, H, W, D) input; H, W, D divisible by ``2 ** (num_levels - 1)``. A one-hot input may
+                come as bool/uint8 (TCSS sampling keeps x_t so: an eighth of the memory); the slab-wise inference
+                converts it a slab at a time.
             timesteps: (B,) diffusion timesteps, integer or float (a 0-d tensor is broadcast to the batch).
             contexts: one entry per level (the knowledge-injection contexts, Eq. 3-4): a (B, T_l, context_dims[l])
                 tensor at levels with cross-attention; anything (typically ``None``) at the other levels, where it
@@ -543,14 +545,15 @@ class CrossAttentionUNet3D(nn.Module):
         run = self._runner()
 
         # The sinusoidal features are float32; cast to the activations' dtype (e.g. under fp16/bf16).
-        emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(x.dtype))
+        dtype = x.dtype if x.is_floating_point() else self.conv_in.conv.weight.dtype
+        emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(dtype))
 
         # eval mode too: the slab-wise blocks apply no dropout
         rows = self.inference_slab_rows if not (torch.is_grad_enabled() or self.training) else None
         if rows is not None:
             return self._forward_in_slabs(x, emb, ctx, rows)
 
-        h = self.conv_in(x)
+        h = self.conv_in(x.to(dtype))
         skips = [h]
         for level, enc in enumerate(self.encoder):
             for u in enc.units:
@@ -717,7 +720,8 @@ class TextConditionedUNet(nn.Module):
         if text_features is None:
             if text_mask is not None:
                 raise ValueError("text_mask was given without text_features; pass both, or neither for a null pass.")
-            contexts = self.null_contexts(x.shape[0], device=x.device, dtype=x.dtype)
+            dtype = x.dtype if x.is_floating_point() else next(self.unet.parameters()).dtype
+            contexts = self.null_contexts(x.shape[0], device=x.device, dtype=dtype)
         else:
             if text_features.shape[0] != x.shape[0]:
                 raise ValueError(

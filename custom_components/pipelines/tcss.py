@@ -70,11 +70,12 @@ class TCSSPipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         text_features, text_mask = self.text_encoder(list(prompts))
         shape = (len(prompts), self.scheduler.num_classes, *self.spatial_size)
-        x_t = self.scheduler.sample_prior(shape, generator=generator, device=self.device)
+        # x_t is one-hot: kept as uint8 (the network and the scheduler read it as such), 1/4 of float32's memory
+        x_t = self.scheduler.sample_prior(shape, generator=generator, device=self.device).to(torch.uint8)
         for t in tqdm(self.scheduler.timesteps, desc="TCSS sampling", unit="step", disable=not progress):
             timesteps = torch.full((len(prompts),), int(t), device=self.device, dtype=torch.long)
             logits = self.network(x_t, timesteps, text_features, text_mask)
-            x_t = self.scheduler.step(logits.float(), int(t), x_t, generator=generator)
+            x_t = self.scheduler.step(logits.float(), int(t), x_t, generator=generator).to(torch.uint8)
             del logits
             # the step's temporaries are freed but stay resident in the heap; without this, they add to the next
             # forward pass's peak (≈ 0.15 GiB at 128³)
