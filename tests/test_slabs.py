@@ -123,3 +123,16 @@ def test_lazy_convolution_rows() -> None:
     x = torch.randn(1, 2, 6, 4, 4)
     lazy = conv_rows(conv, x)
     torch.testing.assert_close(lazy.compute(2, 5), conv(x)[:, :, 2:5].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_one_hot_input_may_be_uint8() -> None:
+    network = _randomize(CrossAttentionUNet3D(4, 2, channels=(8, 8), cross_attention_levels=(False, False),
+                                              self_attention_levels=(False, False), norm_num_groups=4, num_head_channels=4))
+    labels = torch.randint(0, 4, (1, 1, 8, 8, 8))
+    one_hot = torch.zeros(1, 4, 8, 8, 8).scatter_(1, labels, 1.0)
+    t = torch.tensor([10])
+    with torch.no_grad():
+        expected = network(one_hot, t)
+        assert torch.equal(network(one_hot.to(torch.uint8), t), expected)
+        network.inference_slab_rows = None
+        torch.testing.assert_close(network(one_hot.to(torch.uint8), t), expected, atol=2e-5, rtol=1e-4)
