@@ -7,8 +7,8 @@ statistics of the whole volume are gathered first) and a concatenated input conv
 full-size tensors are the ones the network must keep: the skips, a block's input and its output (written over its
 intermediate). Maps read by a single consumer (an upsampling) or cheap to recompute (the input convolution) are
 :class:`LazyRows`, never stored. The result equals the plain forward pass up to float rounding (tested). One TCSS
-forward pass at 128³ and paper widths needs ≈ 2.1 GiB above its input instead of ≈ 7 GiB, for ≈ 7 % more time
-(BENCHMARKS.md). Gradients are not supported: training uses checkpointing instead.
+forward pass at 128³ and paper widths needs 2.0 GiB above its input instead of 7.2 GiB, for ≈ 9 % more time on a
+CPU (BENCHMARKS.md). Gradients are not supported: training uses checkpointing instead.
 """
 
 from __future__ import annotations
