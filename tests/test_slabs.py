@@ -44,7 +44,7 @@ LAYOUTS: list[dict[str, Any]] = [
 @pytest.mark.parametrize("slab_rows", [1, 3, 64])
 def test_slab_inference_equals_the_plain_forward(layout: dict[str, Any], slab_rows: int) -> None:
     kwargs = {"num_res_blocks": 1, "norm_num_groups": 4, "num_head_channels": 4, **layout}
-    network = _randomize(CrossAttentionUNet3D(5, 3, inference_slab_rows=slab_rows, **kwargs))
+    network = _randomize(CrossAttentionUNet3D(5, 3, inference_slab_rows=slab_rows, inference_slab_min_mib=0, **kwargs))
     levels = len(kwargs["channels"])
     x = torch.randn(2, 5, 12 * 2 ** (levels - 2), 8, 4 * 2 ** (levels - 1))  # uneven axes; odd row counts below
     t = torch.tensor([3, 700])
@@ -127,7 +127,8 @@ def test_lazy_convolution_rows() -> None:
 
 def test_one_hot_input_may_be_uint8() -> None:
     network = _randomize(CrossAttentionUNet3D(4, 2, channels=(8, 8), cross_attention_levels=(False, False),
-                                              self_attention_levels=(False, False), norm_num_groups=4, num_head_channels=4))
+                                              self_attention_levels=(False, False), norm_num_groups=4, num_head_channels=4,
+                                              inference_slab_min_mib=0))
     labels = torch.randint(0, 4, (1, 1, 8, 8, 8))
     one_hot = torch.zeros(1, 4, 8, 8, 8).scatter_(1, labels, 1.0)
     t = torch.tensor([10])
@@ -136,3 +137,16 @@ def test_one_hot_input_may_be_uint8() -> None:
         assert torch.equal(network(one_hot.to(torch.uint8), t), expected)
         network.inference_slab_rows = None
         torch.testing.assert_close(network(one_hot.to(torch.uint8), t), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_small_volumes_take_the_plain_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    network = CrossAttentionUNet3D(2, 2, channels=(8, 8), cross_attention_levels=(False, False),
+                                   self_attention_levels=(False, False), norm_num_groups=4, num_head_channels=4).eval()
+    calls: list[int] = []
+    monkeypatch.setattr(network, "_forward_in_slabs", lambda *args: calls.append(1) or torch.zeros(1))
+    with torch.no_grad():
+        network(torch.randn(1, 2, 8, 8, 8), torch.tensor([1]))
+        assert calls == []  # 8 channels x 8^3 voxels: far below the default 64 MiB
+        network.inference_slab_min_mib = 0
+        network(torch.randn(1, 2, 8, 8, 8), torch.tensor([1]))
+        assert calls == [1]

@@ -281,6 +281,9 @@ class CrossAttentionUNet3D(nn.Module):
             and cross-attention this many rows of the first spatial axis at a time
             (:mod:`~custom_components.networks.slabs`): same result up to float rounding, a fraction of the memory
             at 128³. None: always the plain forward pass.
+        inference_slab_min_mib: the slab-wise pass is used only when one top-level feature map
+            (batch × ``channels[0]`` × voxels, float32) takes at least this many MiB (128³ × 64 channels: 512 MiB);
+            for smaller volumes the plain pass is faster and its memory small.
 
     Raises:
         ValueError: for inconsistent level settings, channels not divisible by ``norm_num_groups`` or (at
@@ -301,8 +304,10 @@ class CrossAttentionUNet3D(nn.Module):
         dropout: float = 0.0,
         use_checkpointing: bool = False,
         inference_slab_rows: int | None = 4,
+        inference_slab_min_mib: float = 64.0,
     ) -> None:
         super().__init__()
+        self.inference_slab_min_mib = float(inference_slab_min_mib)
         if inference_slab_rows is not None and int(inference_slab_rows) < 1:
             raise ValueError(f"inference_slab_rows must be a positive int or None, got {inference_slab_rows}.")
         self.inference_slab_rows = None if inference_slab_rows is None else int(inference_slab_rows)
@@ -550,7 +555,8 @@ class CrossAttentionUNet3D(nn.Module):
 
         # eval mode too: the slab-wise blocks apply no dropout
         rows = self.inference_slab_rows if not (torch.is_grad_enabled() or self.training) else None
-        if rows is not None:
+        top_level_mib = x.shape[0] * self.channels[0] * x[0, 0].numel() * 4 / 2**20
+        if rows is not None and top_level_mib >= self.inference_slab_min_mib:
             return self._forward_in_slabs(x, emb, ctx, rows)
 
         h = self.conv_in(x.to(dtype))
