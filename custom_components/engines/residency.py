@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from custom_components.engines.checkpoints import read_model_file
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["StageResidency", "return_freed_memory"]
@@ -127,8 +128,8 @@ class StageResidency:
                     f"{path}: the {name} model file changed (or disappeared) while this run was using it; "
                     "rerun with the files left in place"
                 )
-            # mmap: the stored tensors are copied straight into the parameters, not first into a second full copy
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)["model"]
+            # read_model_file maps the file: the stored tensors are copied straight into the parameters
+            state = read_model_file(path)["model"]
             network.to_empty(device=self.device)
             network.load_state_dict(state, strict=True)
             del state
