@@ -16,6 +16,35 @@ import fire
 
 from custom_components.errors import GuideGenInputError
 
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _switch(value: Any, flag: str) -> bool:
+    """A boolean flag's value from the command line.
+
+    Fire hands ``--flag false`` over as the string "false", which ``bool()`` would read as True; this reads
+    true/false, yes/no, on/off, 1/0 (any case) and refuses anything else.
+
+    Args:
+        value: what fire passed (a bool, an int or a string).
+        flag: the flag's name, for the error message.
+
+    Returns:
+        the flag's truth value.
+
+    Raises:
+        GuideGenInputError: the value is not one of the words above.
+    """
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise GuideGenInputError(f"--{flag} {value!r} is not a yes/no value; pass --{flag} true or --{flag} false")
+
 __all__ = ["prepare", "demo_data", "generate", "synthesize", "evaluate", "package", "main"]
 
 
@@ -82,7 +111,7 @@ def prepare(
         seed=int(seed),
     )
     report = prepare_dataset(
-        images_dir, segmentations_dir, records, output_dir, tumors_dir, class_map, settings, overwrite=overwrite
+        images_dir, segmentations_dir, records, output_dir, tumors_dir, class_map, settings, overwrite=_switch(overwrite, "overwrite")
     )
     print(f"prepared {len(report.prepared)}, up to date {len(report.skipped)}, failed {len(report.failed)}", file=sys.stderr)
     for case_id, reason in report.failed.items():
@@ -134,10 +163,10 @@ def demo_data(
         num_phantoms=int(num_phantoms),
         mask_size=mask_size,
         image_size=image_size,
-        include_example_ct=bool(include_example_ct),
+        include_example_ct=_switch(include_example_ct, "include_example_ct"),
         val_fraction=float(val_fraction),
         seed=int(seed),
-        overwrite=bool(overwrite),
+        overwrite=_switch(overwrite, "overwrite"),
     )
     print(f"demo data set ready: {datalist}", file=sys.stderr)
     return str(datalist)
@@ -150,6 +179,7 @@ def _prepare_generation(
     keep_models_loaded: bool = False,
 ) -> tuple[Any, ...]:
     """Shared front of generate/synthesize: every input check that can fail happens here, before anything is written."""
+    keep_models_loaded = _switch(keep_models_loaded, "keep_models_loaded")
     from custom_components.pipelines.generate import GenerationSettings, check_writable, plan_samples
 
     from custom_components.data.requests import load_requests
@@ -165,7 +195,7 @@ def _prepare_generation(
     load_kwargs = dict(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
                        text_encoder_path=text_encoder_path, class_map_path=class_map,
                        decode_tile=None if decode_tile is None else int(decode_tile), with_tcss=mask is None,
-                       keep_models_loaded=bool(keep_models_loaded))
+                       keep_models_loaded=keep_models_loaded)
     return requests, problems, settings, output, load_kwargs, plan_samples(requests, settings)
 
 
@@ -233,10 +263,11 @@ def generate(
     """
     from custom_components.pipelines.generate import run_generation
 
+    overwrite = _switch(overwrite, "overwrite")
     requests, problems, settings, output, load_kwargs, _ = _prepare_generation(
         prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
         tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile, keep_models_loaded)
-    report = run_generation((requests, problems), settings, output, load_kwargs, overwrite=bool(overwrite))
+    report = run_generation((requests, problems), settings, output, load_kwargs, overwrite=overwrite)
     made, skipped = report["generated"], report["skipped"]
     print(f"generated {len(made)}, already there {len(skipped)}: {output}", file=sys.stderr)
     if problems:
@@ -326,6 +357,7 @@ def synthesize(
     if output_format == "nnunet":
         dataset_folder_name(int(dataset_id), str(dataset_name))
     classes = load_class_map(class_map)
+    overwrite = _switch(overwrite, "overwrite")
     requests, problems, settings, output, load_kwargs, plan = _prepare_generation(
         prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
         tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile, keep_models_loaded)
@@ -349,7 +381,7 @@ def synthesize(
             pipeline, model_files = load_text_to_pair(**load_kwargs)
             if settings.mask_file:
                 read_given_mask(settings.mask_file, pipeline)
-            start_run(samples_dir, run_manifest(plan, settings, model_files, {"broken_rows": problems}), overwrite=bool(overwrite))
+            start_run(samples_dir, run_manifest(plan, settings, model_files, {"broken_rows": problems}), overwrite=overwrite)
         if distributed:
             dist.barrier()
             run_shard(rank, world_size, load_kwargs, plan, samples_dir, settings, pipeline=pipeline)
@@ -433,10 +465,10 @@ def evaluate(
 
     output = Path(output_dir) if output_dir else Path(generated) / "evaluation"
     metrics = evaluate_run(generated, reference, output, split=split, class_map_path=class_map, segmentations_dir=segmentations_dir,
-                           ts_version=str(ts_version), resample=bool(resample),
+                           ts_version=str(ts_version), resample=_switch(resample, "resample"),
                            weights={"inception": inception_weights, "i3d": i3d_weights, "vgg": vgg_weights},
                            slices_per_axis=int(slices_per_axis), frame_size=int(frame_size), tracking_uri=tracking_uri,
-                           log_to_mlflow=bool(mlflow))
+                           log_to_mlflow=_switch(mlflow, "mlflow"))
     print((output / "metrics.md").read_text(), file=sys.stderr)
     print(f"evaluation of {metrics['num_generated']} samples written to {output}", file=sys.stderr)
     return str(output / "metrics.json")

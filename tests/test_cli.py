@@ -63,3 +63,14 @@ def test_prepare_success_prints_the_datalist(make_dataset):
                       "--ts_version", "v1", "--mask_size", "8", "--image_size", "16")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(paths["output"] / "datalist.json")
+
+
+@pytest.mark.parametrize("word, expected", [("true", True), ("false", False), ("False", False), ("no", False), ("1", True), (0, False), (True, True)])
+def test_switch_reads_yes_and_no_words(word, expected):
+    assert cli._switch(word, "overwrite") is expected
+
+
+def test_a_typo_in_a_yes_no_flag_is_refused_with_the_fix(tmp_path):
+    result = guidegen("evaluate", "--generated", str(tmp_path / "none"), "--reference", str(tmp_path / "d.json"), "--resample", "ture")
+    assert result.returncode == 2
+    assert "--resample 'ture' is not a yes/no value" in result.stderr and "Traceback" not in result.stderr
