@@ -31,10 +31,14 @@ RECORDS = ("age,sex,diagnosis,tumor_organ,tumor_count\n63,male,hepatocellular ca
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
+def models(tmp_path_factory) -> dict[str, Path]:
+    return write_untrained_models(tmp_path_factory.mktemp("models"), mask_size=(16, 16, 16), image_size=(32, 32, 32),
+                                  architectures=TINY, mask_spacing_mm=(6.0, 6.0, 6.0))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory, models) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
-    models = write_untrained_models(root / "models", mask_size=(16, 16, 16), image_size=(32, 32, 32), architectures=TINY,
-                                    mask_spacing_mm=(6.0, 6.0, 6.0))
     (root / "records.csv").write_text(RECORDS)
     result = subprocess.run([sys.executable, "-m", "custom_components.cli", "synthesize", "--prompts", str(root / "records.csv"),
                              "--num_samples", "2", "--format", "monai", "--output_dir", str(root / "synthetic"),
@@ -155,3 +159,28 @@ def test_cli_evaluate_on_synthesize_output_scores_identical_sets_zero(synthetic,
     with sqlite3.connect(tmp_path / "eval/mlruns.db") as db:
         logged = {row[0] for row in db.execute("select key from metrics")}
     assert "realism.fid.mean" in logged and "mask_prompt.tumor_count_accuracy" in logged
+
+
+def test_cli_evaluate_on_generate_output(synthetic, models, feature_weights, tmp_path):
+    """`guidegen evaluate` on a `guidegen generate` run folder (sample_* directly under it, no datalist of its own)."""
+    prompt = ("The patient is a 63-year-old White male. In this imaging, the patient's condition is described as "
+              "hepatocellular carcinoma, with a tumor in the liver.")
+    generated = subprocess.run([sys.executable, "-m", "custom_components.cli", "generate", "--prompt", prompt, "--num_samples", "2",
+                                "--output_dir", str(tmp_path / "generated"), "--tcss_steps", "2", "--ldm_steps", "2", *_models(models)],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert not (tmp_path / "generated" / "samples").exists()
+    result = subprocess.run([sys.executable, "-m", "custom_components.cli", "evaluate", "--generated", str(tmp_path / "generated"),
+                             "--reference", str(synthetic / "datalist.json"), "--split", "training", "--output_dir", str(tmp_path / "eval"),
+                             "--inception_weights", feature_weights["inception"], "--i3d_weights", feature_weights["i3d"],
+                             "--slices_per_axis", "2", "--frame_size", "32", "--mlflow", "false"],
+                            capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert metrics["num_generated"] == 2 and metrics["num_reference"] == 4
+    assert np.isfinite(metrics["realism"]["fid"]["mean"]) and metrics["realism"]["fid"]["mean"] >= 0.0
+    assert np.isfinite(metrics["realism"]["fvd"]) and metrics["realism"]["fvd"] >= 0.0
+    # a free-text prompt carries no structured tumor fields: the report says how to get mask-prompt alignment
+    assert metrics["mask_prompt"]["unavailable"].startswith("no generated sample has a record with tumor_count")
+    assert (tmp_path / "eval/metrics.md").is_file() and (tmp_path / "eval/montage_axial.png").is_file()
+    assert not (tmp_path / "eval/mlruns.db").exists()  # --mlflow false is honoured (fire passes it as the string "false")
