@@ -5,6 +5,8 @@ mask pyramid (random weights: the cost does not depend on them). Each case runs 
 the process's peak resident set (CPU) or peak allocated CUDA memory (GPU), in total and above the state before
 decoding (network + latent + mask). An untiled case that needs more than ``--memory_limit_gb`` of address space
 on CPU is stopped by the limit and reported as such, instead of swapping the machine.
+Times are medians over ``--repeats`` decodes; with ``--max_tiles`` each repeat stops after that many tiles and
+its total is extrapolated.
 
 Usage (prints one JSON object per case):
     .venv/bin/python bench/bench_ae_decode.py --size 256 --modes tiled,untiled
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -84,41 +87,47 @@ def run_case(size: int, mode: str, tile: int, device: str, threads: int, repeats
             return out
 
         network.decoder.tail = counted_tail
-    times = []
+    times: list[float] = []
+    partial_runs: list[tuple[float, float]] = []  # --max_tiles: (latent pass seconds, median tile seconds) per repeat
     try:
         for _ in range(repeats):
+            tile_times.clear()
             start = time.perf_counter()
-            with torch.no_grad():
-                if mode == "tiled":
-                    image = tiled_decode(network, latent, mask, tile_size=tile)
-                else:
-                    image = network.decode(latent, mask)
+            try:
+                with torch.no_grad():
+                    if mode == "tiled":
+                        image = tiled_decode(network, latent, mask, tile_size=tile)
+                    else:
+                        image = network.decode(latent, mask)
+            except _EnoughTiles:
+                elapsed = time.perf_counter() - start
+                partial_runs.append((elapsed - sum(tile_times), sorted(tile_times)[len(tile_times) // 2]))
+                continue
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             del image
-    except _EnoughTiles:
-        num_tiles = len(windows([size // f] * 3, [tile] * 3, network.decoder_tail_receptive_radius))
-        elapsed = time.perf_counter() - start
-        head_seconds = elapsed - sum(tile_times)
-        per_tile = sorted(tile_times)[len(tile_times) // 2]
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {
-            "size": size, "mode": mode, "tile_latent": tile, "halo_latent": network.decoder_tail_receptive_radius,
-            "device": device, "threads": threads, "measured_tiles": len(tile_times), "num_tiles": num_tiles,
-            "latent_pass_seconds": round(head_seconds, 1), "median_tile_seconds": round(per_tile, 2),
-            "estimated_total_seconds": round(head_seconds + per_tile * num_tiles, 1),
-            "peak_gib": round(peak / 2**30, 3), "peak_above_start_gib": round((peak - before) / 2**30, 3),
-            "parameters_m": round(sum(p.numel() for p in network.parameters()) / 1e6, 1),
-        }
     except (RuntimeError, MemoryError) as err:
         return {"size": size, "mode": mode, "device": device, "failed": f"{type(err).__name__}: {str(err)[:200]}",
                 "memory_limit_gb": memory_limit_gb}
+    if partial_runs:
+        num_tiles = len(windows([size // f] * 3, [tile] * 3, network.decoder_tail_receptive_radius))
+        estimates = sorted(head + per_tile * num_tiles for head, per_tile in partial_runs)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "size": size, "mode": mode, "tile_latent": tile, "halo_latent": network.decoder_tail_receptive_radius,
+            "device": device, "threads": threads, "repeats": repeats, "measured_tiles": max_tiles, "num_tiles": num_tiles,
+            "latent_pass_seconds": round(statistics.median(head for head, _ in partial_runs), 1),
+            "median_tile_seconds": round(statistics.median(per_tile for _, per_tile in partial_runs), 2),
+            "estimated_total_seconds": round(statistics.median(estimates), 1),
+            "estimated_total_seconds_per_repeat": [round(e, 1) for e in estimates],
+            "peak_gib": round(peak / 2**30, 3), "peak_above_start_gib": round((peak - before) / 2**30, 3),
+            "parameters_m": round(sum(p.numel() for p in network.parameters()) / 1e6, 1),
+        }
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times.sort()
     return {
         "size": size,
         "mode": mode,
@@ -127,7 +136,8 @@ def run_case(size: int, mode: str, tile: int, device: str, threads: int, repeats
         "device": device,
         "threads": threads,
         "repeats": repeats,
-        "median_seconds": round(times[len(times) // 2], 2),
+        "median_seconds": round(statistics.median(times), 2),
+        "seconds_per_repeat": [round(t, 2) for t in sorted(times)],
         "peak_gib": round(peak / 2**30, 3),
         "peak_above_start_gib": round((peak - before) / 2**30, 3),
         "parameters_m": round(sum(p.numel() for p in network.parameters()) / 1e6, 1),

@@ -2,7 +2,8 @@
 
 The categorical sampler jumps exactly from t to s < t (the posterior q(x_s | x_t, x_0) of the forward process, paper
 Eq. 6, for any gap), so fewer steps change the sampling distribution only through the model. For each step count the
-same prompts (the demo validation records, each ``--samples`` times) are sampled and compared on
+same prompts (the datalist's records that name a tumor, training and validation lists, the first
+``--max_records`` of them, each ``--samples`` times) are sampled and compared on
 
 - class-volume fractions: the mean share of the mask each class takes (and the L1 distance between the two runs'
   fraction vectors);
