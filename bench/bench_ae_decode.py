@@ -110,10 +110,10 @@ def run_case(size: int, mode: str, tile: int, device: str, threads: int, repeats
     except (RuntimeError, MemoryError) as err:
         return {"size": size, "mode": mode, "device": device, "failed": f"{type(err).__name__}: {str(err)[:200]}",
                 "memory_limit_gb": memory_limit_gb}
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if partial_runs:
         num_tiles = len(windows([size // f] * 3, [tile] * 3, network.decoder_tail_receptive_radius))
         estimates = sorted(head + per_tile * num_tiles for head, per_tile in partial_runs)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {
             "size": size, "mode": mode, "tile_latent": tile, "halo_latent": network.decoder_tail_receptive_radius,
             "device": device, "threads": threads, "repeats": repeats, "measured_tiles": max_tiles, "num_tiles": num_tiles,
@@ -124,10 +124,6 @@ def run_case(size: int, mode: str, tile: int, device: str, threads: int, repeats
             "peak_gib": round(peak / 2**30, 3), "peak_above_start_gib": round((peak - before) / 2**30, 3),
             "parameters_m": round(sum(p.numel() for p in network.parameters()) / 1e6, 1),
         }
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "size": size,
         "mode": mode,

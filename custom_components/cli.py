@@ -16,7 +16,6 @@ import fire
 
 from custom_components.errors import GuideGenInputError
 
-
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -44,6 +43,7 @@ def _switch(value: Any, flag: str) -> bool:
     if word in _FALSE_WORDS:
         return False
     raise GuideGenInputError(f"--{flag} {value!r} is not a yes/no value; pass --{flag} true or --{flag} false")
+
 
 __all__ = ["prepare", "demo_data", "generate", "synthesize", "evaluate", "package", "main"]
 

@@ -23,7 +23,7 @@ from custom_components.errors import GuideGenInputError
 from custom_components.pipelines.untrained import write_untrained_models
 
 from test_feature_metrics import _variance_preserving
-from test_generate import TINY, _models
+from test_generate import STEPS, TINY, _models, guidegen
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ("age,sex,diagnosis,tumor_organ,tumor_count\n63,male,hepatocellular carcinoma,liver,1\n"
@@ -165,10 +165,8 @@ def test_cli_evaluate_on_generate_output(synthetic, models, feature_weights, tmp
     """`guidegen evaluate` on a `guidegen generate` run folder (sample_* directly under it, no datalist of its own)."""
     prompt = ("The patient is a 63-year-old White male. In this imaging, the patient's condition is described as "
               "hepatocellular carcinoma, with a tumor in the liver.")
-    generated = subprocess.run([sys.executable, "-m", "custom_components.cli", "generate", "--prompt", prompt, "--num_samples", "2",
-                                "--output_dir", str(tmp_path / "generated"), "--tcss_steps", "2", "--ldm_steps", "2", *_models(models)],
-                               cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert generated.returncode == 0, generated.stderr[-3000:]
+    guidegen("generate", "--prompt", prompt, "--num_samples", "2", "--output_dir", str(tmp_path / "generated"), *STEPS,
+             *_models(models), cwd=tmp_path, check=True)
     assert not (tmp_path / "generated" / "samples").exists()
     result = subprocess.run([sys.executable, "-m", "custom_components.cli", "evaluate", "--generated", str(tmp_path / "generated"),
                              "--reference", str(synthetic / "datalist.json"), "--split", "training", "--output_dir", str(tmp_path / "eval"),

@@ -527,6 +527,17 @@ class CrossAttentionUNet3D(nn.Module):
 
         return run_plain
 
+    def activation_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the network computes on input ``x`` in.
+
+        Args:
+            x: the network's input; a one-hot may come in an integer or bool dtype.
+
+        Returns:
+            ``x``'s own dtype when it is floating point, otherwise the weights' dtype.
+        """
+        return x.dtype if x.is_floating_point() else self.conv_in.conv.weight.dtype
+
     def forward(self, x: Tensor, timesteps: Tensor, contexts: Sequence[Tensor | None] | None = None) -> Tensor:
         """
         Args:
@@ -550,7 +561,7 @@ class CrossAttentionUNet3D(nn.Module):
         run = self._runner()
 
         # The sinusoidal features are float32; cast to the activations' dtype (e.g. under fp16/bf16).
-        dtype = x.dtype if x.is_floating_point() else self.conv_in.conv.weight.dtype
+        dtype = self.activation_dtype(x)
         emb = self.time_embed(get_timestep_embedding(timesteps, self.channels[0]).to(dtype))
 
         # eval mode too: the slab-wise blocks apply no dropout
@@ -726,8 +737,7 @@ class TextConditionedUNet(nn.Module):
         if text_features is None:
             if text_mask is not None:
                 raise ValueError("text_mask was given without text_features; pass both, or neither for a null pass.")
-            dtype = x.dtype if x.is_floating_point() else next(self.unet.parameters()).dtype
-            contexts = self.null_contexts(x.shape[0], device=x.device, dtype=dtype)
+            contexts = self.null_contexts(x.shape[0], device=x.device, dtype=self.unet.activation_dtype(x))
         else:
             if text_features.shape[0] != x.shape[0]:
                 raise ValueError(
