@@ -3,7 +3,7 @@ import json
 import pytest
 
 from custom_components.data.prompts import NO_INFORMATION_PROMPT, record_to_prompt
-from custom_components.data.records import RECORD_FIELDS, load_records, normalize_record
+from custom_components.data.records import RECORD_FIELDS, load_records, normalize_record, read_records
 from custom_components.errors import GuideGenInputError
 
 FULL = {
@@ -140,3 +140,67 @@ def test_bad_record_files(tmp_path):
     broken.write_text("[{")
     with pytest.raises(GuideGenInputError, match="not readable"):
         load_records(broken)
+
+
+# ---------------------------------------------------------------- issue 16: one bad row fails only its case
+
+
+def test_bad_field_rejects_only_its_row_naming_line_and_column(tmp_path):
+    path = tmp_path / "records.csv"
+    path.write_text("case_id,age,sex\na,50,M\nb,-4,F\nc,70,F\n")
+    table = read_records(path)
+    assert list(table.records) == ["a", "c"]
+    assert list(table.rejected) == ["b"]
+    assert "records.csv line 3" in table.rejected["b"] and "'age' = '-4' must be a whole number 0..120" in table.rejected["b"]
+    with pytest.raises(GuideGenInputError, match="line 3"):  # the strict reader still refuses the file
+        load_records(path)
+
+
+def test_ragged_rows_are_refused_with_their_line(tmp_path):
+    path = tmp_path / "records.csv"
+    # b's diagnosis holds an unquoted comma (one field too many); c's row is one field short.
+    path.write_text('case_id,age,diagnosis\na,50,"liver, metastatic"\nb,60,liver, metastatic\nc,70\n')
+    table = read_records(path)
+    assert list(table.records) == ["a"] and table.records["a"]["diagnosis"] == "liver, metastatic"
+    assert "None" not in table.records["a"] and None not in table.records["a"]
+    assert set(table.rejected) == {"b", "c"}
+    assert "line 3" in table.rejected["b"] and "4 fields but the header has 3" in table.rejected["b"]
+    assert "quote" in table.rejected["b"]
+    assert "line 4" in table.rejected["c"] and "2 fields but the header has 3" in table.rejected["c"]
+
+
+def test_line_numbers_count_quoted_line_breaks(tmp_path):
+    path = tmp_path / "records.csv"
+    path.write_text('case_id,age,remarks\na,50,"two\nlines"\nb,200,x\n')
+    assert "records.csv line 4" in read_records(path).rejected["b"]
+
+
+def test_unknown_columns_warn_once_with_the_closest_known_name(tmp_path, caplog):
+    path = tmp_path / "records.csv"
+    path.write_text("case_id,tumor_site,Age,site_hospital\na,liver,50,A\nb,kidney,60,B\n")
+    with caplog.at_level("WARNING"):
+        table = read_records(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3, warnings  # one per unknown column, not one per row
+    site = next(w for w in warnings if "'tumor_site'" in w)
+    assert "did you mean 'tumor_organ'" in site and str(path) in site
+    assert "did you mean 'age'" in next(w for w in warnings if "'Age'" in w)
+    assert table.unknown_columns == {"tumor_site": "tumor_organ", "Age": "age", "site_hospital": None}
+    assert table.records["a"]["tumor_site"] == "liver"  # kept, as before
+
+
+def test_row_without_case_id_is_rejected_under_its_location(tmp_path):
+    path = tmp_path / "records.csv"
+    path.write_text("case_id,age\n,1\nb,2\n")
+    table = read_records(path)
+    assert list(table.records) == ["b"]
+    (location, message), = table.rejected.items()
+    assert location.endswith("line 2") and "'case_id' is missing" in message
+
+
+def test_duplicate_case_ids_reject_only_that_case(tmp_path):
+    path = tmp_path / "records.csv"
+    path.write_text("case_id,age\na,1\nb,2\na,3\n")
+    table = read_records(path)
+    assert list(table.records) == ["b"]
+    assert "duplicate case ids" in table.rejected["a"] and "line 2" in table.rejected["a"] and "line 4" in table.rejected["a"]
