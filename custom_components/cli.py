@@ -64,6 +64,7 @@ def prepare(
     val_fraction: float = 0.2,
     seed: int = 0,
     overwrite: bool = False,
+    body_class: Any = False,
 ) -> str:
     """Turn CTs + TotalSegmentator labels + tumor masks + clinical records into a GuideGen training set.
 
@@ -71,7 +72,8 @@ def prepare(
     previews/<id>.png (three views with the labels overlaid), cases/<id>.json (record, prompt, provenance, voxel counts), class_map.json and datalist.json (MONAI
     datalist with "training"/"validation" lists of {image, label, text, record}). Volumes are reoriented to
     RAS, cropped to the torso and resized; affines keep the true spacing. Cases whose outputs are up to date
-    are skipped, so re-running after an interruption continues where it stopped. A bad case is reported and
+    are skipped, so re-running after an interruption continues where it stopped. A bad case (unreadable file,
+    CT not in HU, zero voxel size, bad record row, ...) is reported with the file, row or column and the fix, and
     left out; the others are still written. Exit status 1 if any case failed, 2 on bad options.
 
     Args:
@@ -86,7 +88,8 @@ def prepare(
             with the class map's tumor class. Cases without a file get no tumor label.
         class_map: class map JSON; default: GuideGen's 20 classes (background, 18 organs, tumor).
         ts_version: TotalSegmentator labelling of the segmentations: auto (from the header label table, the
-            structure file names, or label values when unambiguous), v1 or v2.
+            structure file names, or the label values, with the CT's HU of lungs, bones and muscles deciding
+            when the values fit both versions), v1 or v2.
         mask_size: label volume size: one number (128) or three (128,128,96); "none" keeps the cropped grid.
             Paper: 128.
         image_size: CT size, same forms as mask_size. Paper: 256.
@@ -95,10 +98,16 @@ def prepare(
         val_fraction: share of cases put in the validation list (deterministic, seeded).
         seed: seed of the training/validation split.
         overwrite: redo every case even if its outputs are up to date.
+        body_class: true adds a "body" class (21 classes, the shipped class_map_body.json): background voxels
+            inside the skin (fat, muscle, unlabelled structures, enclosed air) derived from the CT (above
+            body_threshold_hu, holes filled, largest connected component); background is then only the air
+            outside. With --class_map, the map must declare "body_class". For a mask of your own (generate
+            --mask): python -m custom_components.data.body --mask M --output O [--ct CT].
 
     Returns:
         the path of the datalist written.
     """
+    from custom_components.data.class_map import load_class_map
     from custom_components.data.prepare import PrepareSettings, prepare_dataset
 
     settings = PrepareSettings(
@@ -110,8 +119,9 @@ def prepare(
         val_fraction=float(val_fraction),
         seed=int(seed),
     )
+    selected_map = load_class_map(class_map, body_class=_switch(body_class, "body_class"))
     report = prepare_dataset(
-        images_dir, segmentations_dir, records, output_dir, tumors_dir, class_map, settings, overwrite=_switch(overwrite, "overwrite")
+        images_dir, segmentations_dir, records, output_dir, tumors_dir, selected_map, settings, overwrite=_switch(overwrite, "overwrite")
     )
     print(f"prepared {len(report.prepared)}, up to date {len(report.skipped)}, failed {len(report.failed)}", file=sys.stderr)
     for case_id, reason in report.failed.items():

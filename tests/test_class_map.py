@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from custom_components.data.class_map import (
+    body_class_map_path,
     default_class_map_path,
     load_class_map,
     resolve_source_map_name,
@@ -124,3 +125,32 @@ def test_default_map_file_round_trips():
         load_class_map().lookup_table(totalsegmentator_label_maps()["total_v1"], "total_v1"),
         class_map.lookup_table(totalsegmentator_label_maps()["total_v1"], "total_v1"),
     )
+
+
+def test_body_class_map_is_the_default_map_plus_body():
+    default, body = load_class_map(), load_class_map(body_class_map_path())
+    assert load_class_map(body_class=True).path == body.path
+    assert body.class_names == (*default.class_names, "body") and body.num_classes == 21
+    assert body.body_index == 20 and body.tumor_index == default.tumor_index == 19
+    assert body.sources == default.sources  # same organ mapping: indices 0..19 mean the same in both
+    assert default.body_index is None
+
+
+@pytest.mark.parametrize(
+    "body_class, extra, message",
+    [("nope", {}, "body_class 'nope' is not one of the classes"),
+     ("tumor", {}, "must be a class of its own"),
+     ("body", {"sources": {"total_v1": ["spleen"]}}, "derived from the CT; remove its 'sources'")],
+)
+def test_bad_body_class_declarations(tmp_path, body_class, extra, message):
+    raw = {"tumor_class": "tumor", "body_class": body_class,
+           "classes": [{"name": "background"}, {"name": "tumor"}, {"name": "body", **extra}]}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(GuideGenInputError, match=message):
+        load_class_map(path)
+
+
+def test_asking_for_a_body_class_from_a_map_without_one(tmp_path):
+    with pytest.raises(GuideGenInputError, match="has no body_class.*class_map_body.json"):
+        load_class_map(default_class_map_path(), body_class=True)

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import V1_LIVER, synthetic_case, write_nifti
+from conftest import V1_FACE, V1_LIVER, V1_SPLEEN, synthetic_case, write_nifti
 from custom_components.data.class_map import load_class_map, totalsegmentator_label_maps
 from custom_components.data.datalist import load_datalist, split_cases
 from custom_components.data.io import atomic_write
@@ -310,6 +310,10 @@ def test_unknown_class_map_version(make_dataset):
 
 def test_ambiguous_version_asks_to_state_it(make_dataset):
     paths = make_dataset(("a",))
+    _, seg = synthetic_case()
+    seg[seg == V1_SPLEEN] = 7  # aorta in v1, pancreas in v2: both soft tissue, so the HU cannot tell
+    seg[seg == V1_FACE] = 0  # 'face' in v1 but 'rib_left_2' in v2, which its HU would rule out
+    write_nifti(paths["segmentations"] / "a.nii.gz", seg, dtype=np.uint8)
     with pytest.raises(GuideGenInputError, match="state it with --ts_version v1 or --ts_version v2"):
         _run(paths, settings=PrepareSettings(mask_size=16, image_size=32))
 
@@ -376,3 +380,109 @@ def test_missing_folders_are_named(make_dataset, tmp_path):
         prepare_dataset(tmp_path / "nope", paths["segmentations"], paths["records"], paths["output"], settings=SMALL)
     with pytest.raises(GuideGenInputError, match="tumor mask folder .*nada not found"):
         prepare_dataset(paths["images"], paths["segmentations"], paths["records"], paths["output"], tumors_dir=tmp_path / "nada", settings=SMALL)
+
+
+# ---------------------------------------------------------------- issue 16: data that would be written wrong
+
+
+def _write_with_pixdim(path: Path, array: np.ndarray, pixdim: tuple[float, float, float]) -> None:
+    """A NIfTI whose header holds the given voxel size as written (nibabel would repair 0 or negative on save)."""
+    image = nib.Nifti1Image(np.asarray(array, dtype=np.int16), None)  # no sform/qform: pixdim sets the spacing
+    image.header.set_zooms((2.0, 2.0, 3.0))
+    content = bytearray(image.to_bytes())
+    content[80:92] = np.asarray(pixdim, dtype="<f4").tobytes()  # pixdim[1..3] of the NIfTI-1 header
+    path.write_bytes(gzip.compress(bytes(content)))
+
+
+@pytest.mark.parametrize("pixdim", [(0.0, 0.0, 0.0), (2.0, -2.0, 3.0), (2.0, float("nan"), 3.0)])
+def test_zero_negative_or_nan_spacing_fails_that_case_only(make_dataset, pixdim):
+    paths = make_dataset(("a", "b"))
+    ct, seg = synthetic_case()
+    _write_with_pixdim(paths["images"] / "b.nii.gz", ct, pixdim)
+    _write_with_pixdim(paths["segmentations"] / "b.nii.gz", seg, pixdim)
+    report = _run(paths)
+    _assert_only_good_survives(paths, report, "b", "b.nii.gz")
+    assert "voxel size" in report.failed["b"] and "pixdim" in report.failed["b"]
+
+
+@pytest.mark.parametrize(
+    "transform, message",
+    [(lambda ct: ct.astype(np.float32) * 1000, "scaled"), (lambda ct: ct + 1024, "no air")],
+    ids=["times_1000", "no_intercept"],
+)
+def test_ct_not_in_hounsfield_units_fails_that_case_only(make_dataset, transform, message):
+    paths = make_dataset(("a", "b"))
+    ct, _ = synthetic_case()
+    write_nifti(paths["images"] / "b.nii.gz", transform(ct), dtype=np.float32)
+    report = _run(paths)
+    _assert_only_good_survives(paths, report, "b", "does not look like Hounsfield units")
+    assert message in report.failed["b"] and "scl_slope" in report.failed["b"]
+
+
+def test_scanner_padding_below_minus_1024_is_accepted(make_dataset):
+    paths = make_dataset(("a",))
+    ct, _ = synthetic_case()
+    ct[:3, :3, :] = -3024  # outside the reconstruction circle
+    write_nifti(paths["images"] / "a.nii.gz", ct)
+    assert not _run(paths).failed
+
+
+def test_bad_record_field_fails_that_case_only_with_row_and_column(make_dataset):
+    paths = make_dataset(("a", "b"), records=[{"case_id": "a", "age": 50}, {"case_id": "b", "age": -3}])
+    report = _run(paths)
+    _assert_only_good_survives(paths, report, "b", "records.csv line 3")
+    assert "'age' = '-3' must be a whole number" in report.failed["b"]
+
+
+def test_ragged_record_row_fails_that_case_only(make_dataset):
+    paths = make_dataset(("a", "b"))
+    paths["records"].write_text("case_id,age,diagnosis\na,50,liver cancer\nb,60,liver, metastatic\n")
+    report = _run(paths)
+    _assert_only_good_survives(paths, report, "b", "line 3")
+    summary = json.loads((paths["output"] / "cases/a.json").read_text())
+    assert "None" not in summary["entry"]["record"]
+
+
+def test_record_row_without_case_id_is_reported_and_others_written(make_dataset):
+    paths = make_dataset(("a",))
+    paths["records"].write_text("case_id,age\na,50\n,60\n")
+    report = _run(paths)
+    assert [key for key in report.failed] == [f"{paths['records']} line 3"]
+    assert "'case_id' is missing" in next(iter(report.failed.values()))
+    assert (paths["output"] / "labels/a.nii.gz").is_file()
+
+
+def test_unexpected_error_in_one_case_is_reported_and_others_written(make_dataset, monkeypatch):
+    import custom_components.data.prepare as prepare_module
+
+    real = prepare_module.prepare_case
+
+    def crash_on_b(case_id, *args, **kwargs):
+        if case_id == "b":
+            raise RuntimeError("boom")
+        return real(case_id, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "prepare_case", crash_on_b)
+    paths = make_dataset(("a", "b"))
+    report = _run(paths)
+    _assert_only_good_survives(paths, report, "b", "RuntimeError: boom")
+    assert "report" in report.failed["b"]
+
+
+def test_auto_version_places_the_shipped_v1_example(tmp_path, example_files):
+    raw = _example_raw(tmp_path, example_files)
+    settings = PrepareSettings(mask_size=None, image_size=None)  # ts_version auto
+    report = prepare_dataset(raw["images"], raw["segmentations"], raw["records"], tmp_path / "out", settings=settings, progress=False)
+    assert report.prepared == ["ex"] and not report.failed
+    summary = json.loads((tmp_path / "out/cases/ex.json").read_text())
+    assert summary["sources"]["labelling"] == "total_v1"
+    source = np.asarray(nib.load(str(example_files["segmentation"])).dataobj)
+    assert summary["class_voxels"] == expected_class_counts(source, "total_v1")
+
+
+def test_auto_version_uses_hu_evidence_for_label_values(make_dataset):
+    # 93 is 'face' in v1 but 'rib_left_2' in v2; at 40 HU it cannot be a rib.
+    paths = make_dataset(("a",))
+    report = _run(paths, settings=PrepareSettings(mask_size=16, image_size=32))
+    assert not report.failed
+    assert json.loads((paths["output"] / "cases/a.json").read_text())["sources"]["labelling"] == "total_v1"

@@ -5,6 +5,7 @@ A GuideGen class map is a JSON file (the default one is ``resources/class_map_de
     {
       "name": "guidegen_default",
       "tumor_class": "tumor",
+      "body_class": "body",                                            # optional
       "classes": [
         {"index": 0, "name": "background"},
         {"index": 1, "name": "spleen", "sources": {"total_v1": ["spleen"], "total_v2": ["spleen"]}},
@@ -18,6 +19,11 @@ name or by integer label value). Source label maps are TotalSegmentator's ``tota
 (shipped in ``resources/totalsegmentator_class_maps.json``) plus any ``source_maps`` the file declares.
 A source structure that no class lists maps to background (index 0). Everything downstream reads the number
 of classes N from the class map.
+
+``body_class`` (optional) names a class that is not read from any source but derived by ``guidegen prepare``
+from the CT: every background voxel inside the skin (see :mod:`custom_components.data.body`). The shipped
+``resources/class_map_body.json`` is the default map plus ``body`` (index 20); ``guidegen prepare --body_class
+true`` selects it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from custom_components.errors import GuideGenInputError
 __all__ = [
     "ClassMap",
     "default_class_map_path",
+    "body_class_map_path",
     "load_class_map",
     "totalsegmentator_label_maps",
     "resolve_source_map_name",
@@ -54,6 +61,11 @@ def _resource_path(name: str) -> Path:
 def default_class_map_path() -> Path:
     """Path of the default 20-class GuideGen class map shipped with the package."""
     return _resource_path("class_map_default.json")
+
+
+def body_class_map_path() -> Path:
+    """Path of the shipped 21-class map: the default classes plus a derived ``body`` class (index 20)."""
+    return _resource_path("class_map_body.json")
 
 
 @lru_cache(maxsize=1)
@@ -125,6 +137,7 @@ class ClassMap:
         tumor_class: name of the class painted from tumor masks, or None when the map has none.
         path: the file it was read from.
         raw: the JSON content, for writing a copy next to a data set.
+        body_class: name of the class derived from the CT for background voxels inside the body, or None.
     """
 
     name: str
@@ -134,6 +147,7 @@ class ClassMap:
     tumor_class: str | None
     path: str
     raw: dict[str, Any] = field(repr=False, compare=False)
+    body_class: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -144,6 +158,11 @@ class ClassMap:
     def tumor_index(self) -> int | None:
         """Label index of the tumor class, or None."""
         return None if self.tumor_class is None else self.class_names.index(self.tumor_class)
+
+    @property
+    def body_index(self) -> int | None:
+        """Label index of the derived body class, or None when the map has none."""
+        return None if self.body_class is None else self.class_names.index(self.body_class)
 
     def index_of(self, class_name: str) -> int:
         """Label index of a class.
@@ -246,20 +265,38 @@ def _parse_sources(
     return sources
 
 
-def load_class_map(path: str | os.PathLike | None = None) -> ClassMap:
+def _parse_body_class(raw: Mapping[str, Any], classes: list[Mapping[str, Any]], path: str) -> str | None:
+    body_class = raw.get("body_class")
+    if body_class is None:
+        return None
+    names = [str(entry["name"]) for entry in classes]
+    if body_class not in names:
+        raise _fail(path, f"body_class '{body_class}' is not one of the classes")
+    if body_class in (names[0], raw.get("tumor_class")):
+        raise _fail(path, f"body_class '{body_class}' must be a class of its own, not background or the tumor class")
+    if classes[names.index(body_class)].get("sources"):
+        raise _fail(path, f"body_class '{body_class}' is derived from the CT; remove its 'sources'")
+    return str(body_class)
+
+
+def load_class_map(path: str | os.PathLike | None = None, body_class: bool = False) -> ClassMap:
     """Read and validate a class map file.
 
     Args:
-        path: JSON class map; None for the default GuideGen map (20 classes).
+        path: JSON class map; None for a shipped map: the default GuideGen map (20 classes), or with
+            ``body_class`` the default map plus ``body`` (21 classes).
+        body_class: require a derived body class (``guidegen prepare --body_class true``).
 
     Returns:
         the validated :class:`ClassMap`.
 
     Raises:
-        GuideGenInputError: the file is missing or unreadable, or its content is inconsistent (the message
-            says which entry and why).
+        GuideGenInputError: the file is missing or unreadable, its content is inconsistent (the message
+            says which entry and why), or ``body_class`` is asked for and the map declares none.
     """
-    path = Path(path) if path is not None else default_class_map_path()
+    if path is None:
+        path = body_class_map_path() if body_class else default_class_map_path()
+    path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError as err:
@@ -274,6 +311,14 @@ def load_class_map(path: str | os.PathLike | None = None) -> ClassMap:
     tumor_class = raw.get("tumor_class")
     if tumor_class is not None and tumor_class not in names:
         raise _fail(path, f"tumor_class '{tumor_class}' is not one of the classes")
+    derived_body = _parse_body_class(raw, classes, str(path))
+    if body_class and derived_body is None:
+        raise _fail(
+            path,
+            "has no body_class, but a body class was asked for (--body_class true); add a class such as "
+            '{"name": "body"} and "body_class": "body" to the file, or omit --class_map to use the shipped '
+            f"{body_class_map_path().name}",
+        )
     return ClassMap(
         name=str(raw.get("name", path.stem)),
         class_names=names,
@@ -282,4 +327,5 @@ def load_class_map(path: str | os.PathLike | None = None) -> ClassMap:
         tumor_class=tumor_class,
         path=str(path),
         raw=dict(raw),
+        body_class=derived_body,
     )

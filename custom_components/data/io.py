@@ -25,6 +25,7 @@ __all__ = [
     "centred_affine",
     "load_nifti",
     "read_volume",
+    "check_voxel_spacing",
     "check_same_grid",
     "check_same_field_of_view",
     "atomic_write",
@@ -119,6 +120,39 @@ def read_volume(image: nib.Nifti1Image, what: str, dtype: Any = np.float32, chec
             f"{what}: {image.get_filename()} holds {bad} NaN/Inf voxels; fix or re-export the volume"
         )
     return data
+
+
+def check_voxel_spacing(image: nib.Nifti1Image, what: str) -> None:
+    """Require a usable voxel size: finite and positive in the header and in the affine.
+
+    nibabel silently turns a zero ``pixdim`` into 1 mm and a negative one into its absolute value, and passes
+    NaN through, so such a file would be written with a wrong physical size; the header is therefore read
+    again as stored. ``pixdim`` only matters when no sform sets the affine.
+
+    Args:
+        image: an image from :func:`load_nifti`.
+        what: what the file is meant to be, for messages.
+
+    Raises:
+        GuideGenInputError: naming the file, the stored voxel size and the fix.
+    """
+    fix = (
+        "set the true voxel size in mm (e.g. nibabel: img.header.set_zooms((0.8, 0.8, 2.5)), or re-export the "
+        "NIfTI from the DICOM series with dcm2niix)"
+    )
+    path = image.get_filename()
+    header = image.header
+    if path is not None and int(header["sform_code"]) == 0:
+        with nib.openers.ImageOpener(path) as handle:
+            stored = type(header).from_fileobj(handle, check=False)
+        pixdim = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+        if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+            raise GuideGenInputError(f"{what}: {path} has voxel size pixdim[1:4] = {pixdim.tolist()} mm; {fix}")
+    spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+    if not np.all(np.isfinite(spacing) & (spacing > 0)):
+        raise GuideGenInputError(
+            f"{what}: {path} has voxel size {spacing.tolist()} mm in its affine (sform/qform, pixdim); {fix}"
+        )
 
 
 def check_same_grid(

@@ -2,9 +2,12 @@
 
 For every case this
 
-1. reads the CT (HU), its segmentation (multi-label file or per-structure folder, TotalSegmentator v1/v2)
-   and an optional tumor mask, and checks that they are readable, 3D, finite and on one voxel grid;
-2. maps the source structures to the class map's classes and paints tumor voxels with the tumor class;
+1. reads the CT, its segmentation (multi-label file or per-structure folder, TotalSegmentator v1/v2)
+   and an optional tumor mask, and checks that they are readable, 3D, finite and on one voxel grid, that the
+   voxel size is real (finite, > 0) and that the CT is in Hounsfield units;
+2. maps the source structures to the class map's classes and paints tumor voxels with the tumor class; with a
+   class map that has a ``body_class``, background voxels inside the body become that class
+   (:mod:`custom_components.data.body`);
 3. reorients to RAS, crops to the torso (x/y: the body outline, the largest connected region above
    ``body_threshold_hu``; z: the extent of the labelled organs) plus a margin, and resizes the label volume
    to ``mask_size`` (nearest) and the CT to ``image_size`` (trilinear, anti-aliased); both keep the same
@@ -16,7 +19,8 @@ For every case this
 Then it writes ``datalist.json`` and ``class_map.json``. A case whose ``cases/<id>.json`` exists with the
 same input fingerprint (input files, record, settings, class map) is skipped, so re-running after an
 interruption or after fixing one case redoes only what changed. A failing case is reported and does not
-touch the other cases' outputs.
+touch the other cases' outputs; so does a bad record (a wrong value, a ragged CSV row), which fails only
+its own case.
 """
 
 from __future__ import annotations
@@ -35,24 +39,48 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Resize, SpatialCrop
-from scipy import ndimage
 from tqdm.auto import tqdm
 
+from custom_components.data.body import add_body_class, largest_component
 from custom_components.data.class_map import ClassMap, load_class_map
 from custom_components.data.datalist import write_datalist
-from custom_components.data.io import check_same_grid, find_nifti, load_nifti, read_volume, save_nifti, strip_nifti_suffix, write_json
+from custom_components.data.intensity import HU_MAX, HU_MIN
+from custom_components.data.io import (
+    check_same_grid,
+    check_voxel_spacing,
+    find_nifti,
+    load_nifti,
+    read_volume,
+    save_nifti,
+    strip_nifti_suffix,
+    write_json,
+)
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.data.prompts import record_to_prompt
-from custom_components.data.records import load_records
+from custom_components.data.records import read_records
 from custom_components.data.segmentations import find_segmentation, load_source_segmentation, map_to_classes
 from custom_components.errors import CaseError, GuideGenInputError
 
-__all__ = ["PrepareSettings", "PrepareReport", "parse_size", "discover_images", "prepare_case", "prepare_dataset"]
+__all__ = [
+    "PrepareSettings",
+    "PrepareReport",
+    "parse_size",
+    "discover_images",
+    "check_hounsfield_units",
+    "prepare_case",
+    "prepare_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
-HU_RANGE = (-1024.0, 3071.0)
 _NNUNET_CHANNEL_SUFFIX = "_0000"
+# HU plausibility: a torso CT holds air (below _AIR_BELOW_HU), its median lies between air and soft tissue, and
+# next to no voxel lies far outside the 12-bit range (metal is small).
+_AIR_BELOW_HU = -500.0
+_MEDIAN_HU_RANGE = (HU_MIN - 100.0, 300.0)
+_FAR_OUTSIDE_MARGIN_HU = 1000.0
+_MAX_SHARE_FAR_OUTSIDE = 0.01
+_HU_SAMPLE_VOXELS = 2_000_000
 
 
 def parse_size(value: Any, name: str) -> tuple[int, int, int] | None:
@@ -147,6 +175,55 @@ def discover_images(images_dir: Path) -> dict[str, Path]:
     return {case: paths[0] for case, paths in found.items()}
 
 
+def check_hounsfield_units(ct: np.ndarray, what: str, path: Path) -> None:
+    """Refuse a CT whose values are not Hounsfield units, e.g. scaled (x1000) or shifted (intercept missing).
+
+    Such a CT would otherwise be clipped to -1024..3071 and written as if it were fine. The values are those after
+    the NIfTI header's scl_slope/scl_inter. Scanners fill the outside of the reconstruction circle with one constant
+    below -1024 (-2048, -3024, ...); that padding is left out of the statistics.
+
+    Args:
+        ct: the CT volume.
+        what: what the file is, for messages.
+        path: the file, for messages.
+
+    Raises:
+        GuideGenInputError: saying what looks wrong and how to fix it.
+    """
+    values = ct.ravel()[:: max(1, ct.size // _HU_SAMPLE_VOXELS)]  # a regular subsample is plenty for statistics
+    lowest = float(values.min())
+    if lowest < HU_MIN:
+        values = values[values != lowest]
+    if not values.size:
+        return
+    fix = (
+        "guidegen prepare needs CT in Hounsfield units (air about -1000, water 0, bone above 300): convert the values, "
+        "or set the NIfTI header's scl_slope/scl_inter so that stored value x scl_slope + scl_inter is HU"
+    )
+    far_outside = float(np.mean((values < HU_MIN - _FAR_OUTSIDE_MARGIN_HU) | (values > HU_MAX + _FAR_OUTSIDE_MARGIN_HU)))
+    low, high = np.percentile(values, [1, 99])
+    problem = None
+    if far_outside > _MAX_SHARE_FAR_OUTSIDE:
+        problem = (
+            f"{far_outside:.0%} of its voxels lie far outside {HU_MIN:.0f}..{HU_MAX:.0f} HU (1st-99th percentile "
+            f"{low:.4g}..{high:.4g}): the values look scaled"
+        )
+    elif float(values.min()) > _AIR_BELOW_HU:
+        problem = (
+            f"no voxel is below {_AIR_BELOW_HU:.0f} HU, so it holds no air (lowest value {values.min():.4g}): the values "
+            "look shifted, e.g. raw scanner values without the rescale intercept of -1024"
+        )
+    else:
+        median = float(np.median(values))
+        if not _MEDIAN_HU_RANGE[0] <= median <= _MEDIAN_HU_RANGE[1]:
+            problem = (
+                f"its median is {median:.4g}, neither air (about -1000 HU) nor soft tissue (up to "
+                f"{_MEDIAN_HU_RANGE[1]:.0f} HU): the values look shifted or scaled"
+            )
+    if problem is not None:
+        raise GuideGenInputError(f"{what}: {path} does not look like Hounsfield units: {problem}. {fix}")
+
+
 def _ras(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
     tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], affine=torch.as_tensor(affine))
     return Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(tensor)
@@ -175,13 +252,7 @@ def torso_box(
         (start, end) voxel indices, end exclusive.
     """
     foreground = labels > 0
-    components, count = ndimage.label(ct > body_threshold_hu)
-    if count:
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        body = (components == int(np.argmax(sizes))) | foreground
-    else:
-        body = foreground
+    body = largest_component(ct > body_threshold_hu) | foreground
     start, end = [], []
     margins = [int(math.ceil(margin_mm / s)) for s in spacing]
     for axis in range(3):
@@ -230,9 +301,12 @@ def prepare_case(
     Raises:
         GuideGenInputError: (usually :class:`CaseError`) naming the file and the fix.
     """
-    ct_image = load_nifti(image_path, f"CT of case '{case_id}'")
-    ct = read_volume(ct_image, f"CT of case '{case_id}'", check_finite=True)
-    segmentation = load_source_segmentation(segmentation_path, case_id, class_map, settings.ts_version)
+    what = f"CT of case '{case_id}'"
+    ct_image = load_nifti(image_path, what)
+    check_voxel_spacing(ct_image, what)
+    ct = read_volume(ct_image, what, check_finite=True)
+    check_hounsfield_units(ct, what, image_path)
+    segmentation = load_source_segmentation(segmentation_path, case_id, class_map, settings.ts_version, ct)
     check_same_grid(ct_image, segmentation.image, f"segmentation of case '{case_id}'")
     if not segmentation.labels.any():
         raise CaseError(case_id, f"segmentation {segmentation_path} is empty (every voxel is 0)")
@@ -252,9 +326,14 @@ def prepare_case(
             f"no voxel of {segmentation_path} maps to a class of '{class_map.name}' (only unmapped structures); "
             "check the class map's sources",
         )
-    source_counts = _class_counts(labels, class_map)
-
     ct_ras, labels_ras = _ras(ct, ct_image.affine), _ras(labels, ct_image.affine)
+    if class_map.body_index is not None:
+        # In RAS order axis 2 runs along the body, which the slice-wise hole filling needs.
+        with_body = add_body_class(
+            labels_ras[0].numpy().round().astype(np.uint8), ct_ras[0].numpy(), class_map.body_index, settings.body_threshold_hu
+        )
+        labels_ras[0] = torch.from_numpy(with_body.astype(np.float32))
+    source_counts = _class_counts(labels_ras[0].numpy().round().astype(np.uint8), class_map)
     start, end = torso_box(
         ct_ras[0].numpy(), labels_ras[0].numpy(), _spacing(ct_ras.affine), settings.body_threshold_hu, settings.margin_mm
     )
@@ -265,7 +344,7 @@ def prepare_case(
     if settings.mask_size is not None:
         labels_ras = Resize(settings.mask_size, mode="nearest")(labels_ras)
     out_labels = labels_ras[0].numpy().round().astype(np.uint8)
-    out_ct = np.clip(ct_ras[0].numpy().round(), *HU_RANGE).astype(np.int16)
+    out_ct = np.clip(ct_ras[0].numpy().round(), HU_MIN, HU_MAX).astype(np.int16)
 
     image_rel, label_rel = f"images/{case_id}.nii.gz", f"labels/{case_id}.nii.gz"
     preview_rel = f"previews/{case_id}.png"
@@ -320,7 +399,7 @@ def prepare_dataset(
         images_dir: CT files ``<case_id>.nii.gz`` (or ``.nii``, or nnU-Net style ``<case_id>_0000.nii.gz``).
         segmentations_dir: per case ``<case_id>.nii.gz`` (multi-label) or a folder ``<case_id>/`` of
             ``<structure>.nii.gz`` files.
-        records: CSV/JSON of clinical records with a ``case_id`` per row.
+        records: CSV/JSON of clinical records with a ``case_id`` per row; a bad row fails only its case.
         output_dir: where images/, labels/, cases/, datalist.json and class_map.json go.
         tumors_dir: optional ``<case_id>.nii.gz`` tumor masks (non-zero = tumor); cases without one have
             no tumor label.
@@ -330,11 +409,12 @@ def prepare_dataset(
         progress: show a progress bar.
 
     Returns:
-        a :class:`PrepareReport`; failed cases are listed with reasons and left out of the datalist.
+        a :class:`PrepareReport`; failed cases are listed with reasons and left out of the datalist (a record row
+        without a readable case id is listed under its file and line).
 
     Raises:
-        GuideGenInputError: problems that concern the whole run (missing folders, unreadable or duplicate
-            records, bad class map, no case prepared at all).
+        GuideGenInputError: problems that concern the whole run (missing folders, an unreadable records file,
+            bad class map, no case prepared at all).
     """
     images_dir, segmentations_dir, output_dir = Path(images_dir), Path(segmentations_dir), Path(output_dir)
     tumors_dir = None if tumors_dir is None else Path(tumors_dir)
@@ -344,14 +424,19 @@ def prepare_dataset(
         raise GuideGenInputError(f"segmentations folder {segmentations_dir} not found; pass --segmentations_dir")
     class_map = class_map if isinstance(class_map, ClassMap) else load_class_map(class_map)
     images = discover_images(images_dir)
-    record_table = load_records(records)
+    record_file = read_records(records)
+    record_table = record_file.records
     report = PrepareReport()
+    for key in sorted(set(record_file.rejected) - set(images)):  # bad rows of cases without an image, and rows without an id
+        report.failed[key] = record_file.rejected[key]
     for case_id in sorted(set(record_table) - set(images)):
         report.failed[case_id] = f"record has no image: expected {images_dir / (case_id + '.nii.gz')}"
     entries: dict[str, dict[str, Any]] = {}
     cases = sorted(images)
     for case_id in tqdm(cases, desc="prepare", unit="case", disable=not progress):
         try:
+            if case_id in record_file.rejected:
+                raise CaseError(case_id, record_file.rejected[case_id])
             if case_id not in record_table:
                 raise CaseError(case_id, f"image {images[case_id]} has no record; add a row with case_id '{case_id}' to {records}")
             segmentation_path = find_segmentation(segmentations_dir, case_id)
@@ -376,6 +461,13 @@ def prepare_dataset(
         except GuideGenInputError as err:
             report.failed[case_id] = str(err.reason if isinstance(err, CaseError) else err)
             logger.error("case '%s' failed: %s", case_id, report.failed[case_id])
+        except Exception as err:  # a bug or an input no check foresaw must not cost the other cases
+            report.failed[case_id] = (
+                f"unexpected error ({type(err).__name__}: {err}) on {images[case_id]}; please report it with this "
+                "message, the traceback at log level DEBUG and the case's header (nib-ls)"
+            )
+            logger.error("case '%s' failed: %s", case_id, report.failed[case_id])
+            logger.debug("traceback of case '%s'", case_id, exc_info=True)
     if not entries:
         details = "; ".join(f"{case}: {reason}" for case, reason in report.failed.items())
         raise GuideGenInputError(f"no case could be prepared. {details}")

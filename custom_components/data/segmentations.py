@@ -9,19 +9,35 @@ or from the label values when only one version has them all; otherwise the user 
 
 from __future__ import annotations
 
+import logging
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from custom_components.data.class_map import ClassMap, guess_source_map_from_names, resolve_source_map_name
 from custom_components.data.io import check_same_grid, find_nifti, load_nifti, read_volume, strip_nifti_suffix
 from custom_components.errors import CaseError, GuideGenInputError
 
 __all__ = ["SourceSegmentation", "find_segmentation", "read_label_table", "load_source_segmentation", "map_to_classes"]
+
+logger = logging.getLogger(__name__)
+
+# Tissue of TotalSegmentator structures whose HU leave no doubt, as the range their median HU lies in. Vessels
+# and parenchymal organs are left out: contrast agent moves them anywhere between 30 and 400 HU.
+_TISSUE_MEDIAN_HU: tuple[tuple[str, re.Pattern[str], float, float], ...] = (
+    ("air", re.compile(r"^(lung_|trachea$)"), -math.inf, -400.0),
+    ("bone", re.compile(r"^(vertebrae_|rib_|sacrum$|hip_|femur_|humerus_|scapula_|clavicula_|sternum$|skull$)"), 100.0, math.inf),
+    ("muscle", re.compile(r"^(gluteus_|iliopsoas_|autochthon_|brain$)"), -150.0, 150.0),
+)
+# A labelling is contradicted by the CT when less than this share of the voxels of structures with a known tissue
+# lies in structures whose median HU fits (the shipped v1 example: 1.0 read as v1, 0.14 read as v2).
+_MIN_TISSUE_AGREEMENT = 0.5
 
 _LABEL_ENTRY = re.compile(r'<Label\s+Key="(\d+)"[^>]*>\s*<!\[CDATA\[(.*?)\]\]>\s*</Label>', re.S)
 
@@ -107,7 +123,44 @@ def _choose_source_map(
     )
 
 
-def _load_multilabel(path: Path, case_id: str, stated: str, class_map: ClassMap) -> SourceSegmentation:
+def tissue_agreement(
+    labels: np.ndarray, ct_hu: np.ndarray, labellings: Mapping[str, Mapping[int, str]]
+) -> dict[str, float | None]:
+    """How well each labelling's structure names fit the CT: lungs air-filled, bones dense, muscles soft.
+
+    Args:
+        labels: (X, Y, Z) source label values.
+        ct_hu: (X, Y, Z) CT in HU on the same grid.
+        labellings: name -> {label value -> structure name}.
+
+    Returns:
+        name -> share (0..1) of the voxels of structures with a known tissue that lie in structures whose median
+        HU fits that tissue; None when no such structure is present.
+    """
+    labelled = labels > 0
+    structure_of, hu = labels[labelled], ct_hu[labelled]  # medians over labelled voxels only: far less to sort
+    values, counts = np.unique(structure_of, return_counts=True)
+    if not values.size:
+        return {name: None for name in labellings}
+    medians = dict(zip(values.tolist(), np.atleast_1d(ndimage.median(hu, structure_of, values)).tolist()))
+    voxels = dict(zip(values.tolist(), counts.tolist()))
+    agreement: dict[str, float | None] = {}
+    for name, structures in labellings.items():
+        fitting = typed = 0
+        for value in medians:
+            structure = structures.get(value, "")
+            for _, pattern, low, high in _TISSUE_MEDIAN_HU:
+                if pattern.match(structure):
+                    typed += voxels[value]
+                    fitting += voxels[value] if low <= medians[value] <= high else 0
+                    break
+        agreement[name] = round(fitting / typed, 3) if typed else None
+    return agreement
+
+
+def _load_multilabel(
+    path: Path, case_id: str, stated: str, class_map: ClassMap, ct_hu: np.ndarray | None = None
+) -> SourceSegmentation:
     what = f"segmentation of case '{case_id}'"
     image = load_nifti(path, what)
     data = read_volume(image, what, dtype=np.float64, check_finite=True)
@@ -126,7 +179,15 @@ def _load_multilabel(path: Path, case_id: str, stated: str, class_map: ClassMap)
         return SourceSegmentation(labels, table, chosen, image, [path])
     present = {int(v) for v in np.unique(labels) if v != 0}
     candidates = [name for name, m in class_map.source_maps.items() if present <= set(m)]
-    chosen = _choose_source_map(case_id, stated, candidates, "label values", class_map)
+    evidence = "label values"
+    if stated == "auto" and len(candidates) > 1 and ct_hu is not None and ct_hu.shape == labels.shape:
+        agreement = tissue_agreement(labels, ct_hu, {c: class_map.source_maps[c] for c in candidates})
+        plausible = [c for c in candidates if agreement[c] is None or agreement[c] >= _MIN_TISSUE_AGREEMENT]
+        if plausible:  # when the CT contradicts every labelling, the CT is the suspect: leave the choice open
+            candidates = plausible
+        evidence = "label values and the HU of its lungs, bones and muscles"
+        logger.info("case '%s': share of structures with plausible HU per labelling: %s", case_id, agreement)
+    chosen = _choose_source_map(case_id, stated, candidates, evidence, class_map)
     return SourceSegmentation(labels, dict(class_map.source_maps[chosen]), chosen, image, [path])
 
 
@@ -154,7 +215,9 @@ def _load_structure_folder(folder: Path, case_id: str, stated: str, class_map: C
     return SourceSegmentation(labels, dict(class_map.source_maps[chosen]), chosen, reference, files)
 
 
-def load_source_segmentation(location: Path, case_id: str, class_map: ClassMap, ts_version: str = "auto") -> SourceSegmentation:
+def load_source_segmentation(
+    location: Path, case_id: str, class_map: ClassMap, ts_version: str = "auto", ct_hu: np.ndarray | None = None
+) -> SourceSegmentation:
     """Read a case's segmentation, multi-label file or per-structure folder.
 
     Args:
@@ -162,13 +225,16 @@ def load_source_segmentation(location: Path, case_id: str, class_map: ClassMap, 
         case_id: for messages.
         class_map: supplies the known source label maps.
         ts_version: ``auto``, ``v1``/``total_v1``, ``v2``/``total_v2`` or a class map ``source_maps`` name.
+        ct_hu: the case's CT in HU on the segmentation's grid; with ``auto``, when the label values of a
+            multi-label file fit several labellings, the labellings whose structures have implausible HU are
+            ruled out (see :func:`tissue_agreement`).
 
     Raises:
         GuideGenInputError: unreadable files, unknown version or structures, or an undecidable version.
     """
     if location.is_dir():
         return _load_structure_folder(location, case_id, ts_version, class_map)
-    return _load_multilabel(location, case_id, ts_version, class_map)
+    return _load_multilabel(location, case_id, ts_version, class_map, ct_hu)
 
 
 def map_to_classes(segmentation: SourceSegmentation, class_map: ClassMap, case_id: str) -> np.ndarray:
