@@ -192,11 +192,16 @@ def _prepare_generation(
     keep_models_loaded = _switch(keep_models_loaded, "keep_models_loaded")
     from custom_components.pipelines.generate import GenerationSettings, check_writable, plan_samples
 
+    from custom_components.data.class_map import load_class_map
     from custom_components.data.requests import load_requests
 
-    requests, problems = load_requests(prompt=prompt, prompts_file=prompts, record=record)
+    requests, problems = load_requests(prompt=prompt, prompts_file=prompts, record=record,
+                                       class_names=load_class_map(class_map).class_names)
     for problem in problems:
         print(f"guidegen: skipped a broken row: {problem}", file=sys.stderr)
+    for request in requests:
+        if request.given_prompt is not None:
+            print(f"guidegen: {request.source}: free text rewritten into the training template: {request.prompt!r}", file=sys.stderr)
     if mask is not None and not Path(mask).is_file():
         raise GuideGenInputError(f"--mask {mask} not found; pass a NIfTI label volume made with the models' class map")
     settings = GenerationSettings(num_samples=int(num_samples), seed=int(seed), tcss_steps=int(tcss_steps), ldm_steps=int(ldm_steps),
@@ -243,7 +248,9 @@ def generate(
 
     Args:
         prompt: a prompt, e.g. "The patient is a 63-year-old White male. In this imaging, the patient's condition is
-            described as hepatocellular carcinoma, with a tumor in the liver, measuring 30 mm, stage II."
+            described as hepatocellular carcinoma, with a tumor in the liver, measuring 30 mm, stage II.", or free text
+            such as "63 yo M, HCC, 2 liver lesions, largest 3 cm, stage II": its age, sex, race, diagnosis, tumor organ,
+            count, size, stage and negations are read and it is rewritten into that template (record.json keeps both).
         prompts: a file of prompts instead: .txt (one per line), .csv (a 'prompt' column, or record columns age, sex,
             race, diagnosis, tumor_organ, tumor_count, tumor_size_mm, stage, remarks) or .json (list of prompts/records).
         record: one clinical record instead, e.g. --record '{age: 63, sex: male, diagnosis: hepatocellular carcinoma,

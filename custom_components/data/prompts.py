@@ -16,6 +16,9 @@ dangling words; a sentence whose fields are all missing is dropped. Examples::
     {sex: female, diagnosis: no abnormality, tumor_count: 0}
     -> "The patient is female. In this imaging, the patient's condition is described as no abnormality,
         with no tumor."
+
+A record read from free text (:mod:`custom_components.data.free_text`) may say "multiple" tumors instead of a
+count (``tumor_count_min``); the prompt then reads "with multiple tumors in the liver, the largest measuring ...".
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["record_to_prompt", "NO_INFORMATION_PROMPT"]
+__all__ = ["record_to_prompt", "count_words", "stated_tumor_count", "NO_INFORMATION_PROMPT"]
 
 NO_INFORMATION_PROMPT = "The patient's condition is not described."
 
@@ -49,22 +52,44 @@ def _demographics(record: Mapping[str, Any]) -> str | None:
     return f"{_indefinite_article(phrase)} {phrase}"
 
 
-def _count_words(count: int) -> str:
+def count_words(count: int) -> str:
+    """A tumor count as the template writes it: "no", "one" ... "ten", then digits ("11")."""
     return _NUMBER_WORDS[count] if count < len(_NUMBER_WORDS) else str(count)
 
 
+def stated_tumor_count(record: Mapping[str, Any]) -> tuple[int, bool] | None:
+    """How many tumors a record's prompt states.
+
+    Args:
+        record: a record (``tumor_count``, ``tumor_count_min``, ``tumor_organ``, ``tumor_size_mm``).
+
+    Returns:
+        ``(count, at_least)``: ``tumor_count`` as given; ``(tumor_count_min, True)`` for "multiple" tumors (a
+        free-text plural without a number, see :mod:`custom_components.data.free_text`); ``(1, False)`` when only an
+        organ or a size is given (the prompt says "a tumor"); None when the record says nothing about tumors.
+    """
+    if record.get("tumor_count") is not None:
+        return int(record["tumor_count"]), False
+    if record.get("tumor_count_min") is not None and int(record["tumor_count_min"]) > 1:
+        return int(record["tumor_count_min"]), True
+    if record.get("tumor_organ") is not None or record.get("tumor_size_mm") is not None:
+        return 1, False
+    return None
+
+
 def _tumor_phrase(record: Mapping[str, Any]) -> str | None:
-    count, organ, size = record.get("tumor_count"), record.get("tumor_organ"), record.get("tumor_size_mm")
+    stated = stated_tumor_count(record)
+    if stated is None:
+        return None
+    count, at_least = stated
     if count == 0:
         return "no tumor"
-    if count is None and organ is None and size is None:
-        return None
-    count = 1 if count is None else int(count)
-    phrase = "a tumor" if count == 1 else f"{_count_words(count)} tumors"
+    organ, size = record.get("tumor_organ"), record.get("tumor_size_mm")
+    phrase = "multiple tumors" if at_least else "a tumor" if count == 1 else f"{count_words(count)} tumors"
     if organ is not None:
         phrase += f" in the {str(organ).replace('_', ' ')}"
     if size is not None:
-        phrase += f", {'measuring' if count == 1 else 'the largest measuring'} {float(size):g} mm"
+        phrase += f", {'measuring' if count == 1 and not at_least else 'the largest measuring'} {float(size):g} mm"
     return phrase
 
 

@@ -10,6 +10,12 @@ A generation request is one prompt (with the clinical record it came from, when 
 
 A broken row (wrong number of CSV fields, a field of the wrong kind, no usable text) is reported with its line or
 item number and left out; the other rows are still generated.
+
+A prompt given as text is read by :func:`~custom_components.data.free_text.parse_free_text`: the fields it states
+become the request's record (so that ``guidegen evaluate`` can score the sample's tumors), and a free-form prompt
+("58yo F, RCC of the left kidney, 4.2 cm") is rewritten into the training template the models were trained on,
+keeping the text as given in ``given_prompt``. A prompt already in the template, or one in which no field is found,
+is used as given.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from custom_components.data.free_text import is_template_prompt, parse_free_text
 from custom_components.data.prompts import record_to_prompt
 from custom_components.data.records import RECORD_FIELDS, normalize_record
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["GenerationRequest", "load_requests", "request_from_record"]
+__all__ = ["GenerationRequest", "load_requests", "request_from_record", "request_from_text"]
 
 _PROMPT_COLUMNS = ("prompt", "text")
 _CLINICAL_FIELDS = tuple(name for name in RECORD_FIELDS if name != "case_id")
@@ -39,21 +46,51 @@ class GenerationRequest:
     Args:
         prompt: the text given to the models.
         source: where it came from, for messages (e.g. ``"prompts.csv line 4"``).
-        record: the clinical record behind the prompt (empty when the prompt was given as text).
+        record: the clinical record behind the prompt: the given fields, or those read from a prompt given as text
+            (empty when the text states none).
+        given_prompt: the text as the user wrote it, when ``prompt`` is its rewrite into the training template;
+            None when ``prompt`` is used as given or was built from record fields.
     """
 
     prompt: str
     source: str
     record: dict[str, Any] = field(default_factory=dict)
+    given_prompt: str | None = None
 
 
-def request_from_record(raw: Mapping[str, Any], where: str) -> GenerationRequest:
+def request_from_text(text: str, where: str, class_names: Sequence[str] | None = None) -> GenerationRequest:
+    """Turn a prompt given as text into a request, rewriting free text into the training template.
+
+    Args:
+        text: the prompt as written.
+        where: location for messages.
+        class_names: the models' class names (``tumor_organ`` is one of them); default: the default class map's.
+
+    Returns:
+        the request: the template prompt (the text itself when it is in the template already or states no field),
+        the fields read from the text, and the text as given when it was rewritten.
+
+    Raises:
+        GuideGenInputError: the text is empty.
+    """
+    text = " ".join(str(text).split())
+    if not text:
+        raise GuideGenInputError(f"{where}: empty prompt; write the patient and the findings, e.g. '63 yo male, HCC, 3 cm'")
+    record = parse_free_text(text, class_names)
+    if is_template_prompt(text) or not record:
+        return GenerationRequest(prompt=text, source=where, record=record)
+    return GenerationRequest(prompt=record_to_prompt(record), source=where, record=record, given_prompt=text)
+
+
+def request_from_record(raw: Mapping[str, Any], where: str, class_names: Sequence[str] | None = None) -> GenerationRequest:
     """Turn one row (prompt text or clinical record) into a request.
 
     Args:
-        raw: field -> value; a non-empty ``prompt``/``text`` field is used as given, otherwise the clinical
-            fields are turned into the paper's prompt.
+        raw: field -> value; the clinical fields are turned into the paper's prompt. A non-empty ``prompt``/``text``
+            field is used as given when the row also has clinical fields, and read as in :func:`request_from_text`
+            when it has none.
         where: location for messages.
+        class_names: the models' class names, for a prompt read as text.
 
     Raises:
         GuideGenInputError: a field of the wrong kind, or neither a prompt nor any clinical field.
@@ -70,10 +107,10 @@ def request_from_record(raw: Mapping[str, Any], where: str) -> GenerationRequest
         raise GuideGenInputError(
             f"{where}: no prompt: give a '{_PROMPT_COLUMNS[0]}' value or clinical fields ({', '.join(_CLINICAL_FIELDS)})"
         )
-    record: dict[str, Any] = {}
-    if has_clinical:
-        record = normalize_record({"case_id": values.get("case_id") or where, **record_fields}, where)
-        record = {k: v for k, v in record.items() if v is not None}
+    if not has_clinical:
+        return request_from_text(text, where, class_names)
+    record = normalize_record({"case_id": values.get("case_id") or where, **record_fields}, where)
+    record = {k: v for k, v in record.items() if v is not None}
     return GenerationRequest(prompt=" ".join((text or record_to_prompt(record)).split()), source=where, record=record)
 
 
@@ -108,6 +145,7 @@ def load_requests(
     prompt: str | Sequence[str] | None = None,
     prompts_file: str | os.PathLike | None = None,
     record: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[list[GenerationRequest], list[str]]:
     """Collect the requests of one generation run from exactly one source.
 
@@ -115,6 +153,7 @@ def load_requests(
         prompt: a prompt (or a list of prompts) given directly.
         prompts_file: a ``.txt``, ``.csv`` or ``.json`` file (see the module docstring).
         record: one clinical record (field -> value), turned into the paper's prompt.
+        class_names: the models' class names, for prompts read as text (default: the default class map's).
 
     Returns:
         the usable requests in order, and one message per broken row (row number and what is wrong).
@@ -150,11 +189,9 @@ def load_requests(
     for where, row in rows:
         try:
             if isinstance(row, str):
-                if not row.strip():
-                    raise GuideGenInputError(f"{where}: empty prompt")
-                requests.append(GenerationRequest(prompt=" ".join(row.split()), source=where))
+                requests.append(request_from_text(row, where, class_names))
             else:
-                requests.append(request_from_record(row, where))
+                requests.append(request_from_record(row, where, class_names))
         except GuideGenInputError as err:
             problems.append(str(err))
     if not requests:

@@ -8,6 +8,9 @@ Layout of a run folder::
                              mask_native.nii.gz  the mask on the generator's grid (what the CT was conditioned on)
                              prompt.txt, record.json, preview.png (CT with the mask overlaid, three views)
 
+``prompt.txt`` holds the prompt the models were given; ``record.json`` holds it too, with the record behind it and,
+for a free-text prompt rewritten into the training template, the text as given (``given_prompt``).
+
 A sample is written into ``<output_dir>/.partial/<sample_id>/`` and renamed into place when complete, so a sample
 folder either holds every file or does not exist. Sample ``k`` is seeded with ``seed + k`` and does not depend on the
 other samples: rerunning an interrupted run skips the finished folders and produces the rest exactly as an
@@ -140,7 +143,9 @@ def run_manifest(
         "settings": {**settings.__dict__, **({"mask_file_sha256": file_sha256(settings.mask_file)} if settings.mask_file else {})},
         **dict(extra or {}),
         "samples": [
-            {"sample_id": s.sample_id, "seed": s.seed, "prompt": s.request.prompt, "source": s.request.source}
+            {"sample_id": s.sample_id, "seed": s.seed, "prompt": s.request.prompt, "source": s.request.source,
+             # only for rewritten free text, so that the manifests of template prompts stay as they were
+             **({"given_prompt": s.request.given_prompt} if s.request.given_prompt is not None else {})}
             for s in plan
         ],
     }
@@ -212,6 +217,7 @@ def _write_sample(pair: Any, sample: PlannedSample, settings: GenerationSettings
         {
             "sample_id": sample.sample_id,
             "prompt": sample.request.prompt,
+            "given_prompt": sample.request.given_prompt,
             "record": sample.request.record,
             "source": sample.request.source,
             "seed": sample.seed,
