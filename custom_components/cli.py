@@ -431,7 +431,7 @@ def synthesize(
 def evaluate(
     *,
     generated: str,
-    reference: str,
+    reference: str | None = None,
     output_dir: str | None = None,
     split: str = "validation",
     segmentations_dir: str | None = None,
@@ -451,13 +451,15 @@ def evaluate(
     Realism: FID over slices of all three axes (averaged), FVD with axial slices as frames, LPIPS over slices (paired
     volumes: samples generated with --mask <a reference label>). Image-mask alignment: Dice and HD95 per organ between
     each generated mask and a segmentation of its CT (--segmentations_dir). Mask-prompt alignment: tumor count and
-    location accuracy from each sample's record. A metric whose feature network's weights are not on disk reports
+    location accuracy from each sample's record (or, for a sample without one, from the fields read from its prompt).
+    Without --reference only the alignment metrics are computed. A metric whose feature network's weights are not on disk reports
     "unavailable: put weights at ..." instead of a number. Figures: axial slice montage, per-organ Dice bars,
     tumor-location confusion matrix. Numbers and files are logged to MLflow (sqlite database in OUTPUT_DIR by default).
 
     Args:
         generated: a `guidegen generate` run folder or a `guidegen synthesize` output folder.
-        reference: a prepared datalist (guidegen prepare / demo-data) whose SPLIT list holds the real cases.
+        reference: a prepared datalist (guidegen prepare / demo-data) whose SPLIT list holds the real cases; needed for
+            FID, FVD and LPIPS only (without it they are reported as unavailable).
         output_dir: where the report goes (default: GENERATED/evaluation).
         split: datalist list of the reference cases.
         segmentations_dir: segmentations of the generated CTs, <sample_id>.nii.gz (e.g. TotalSegmentator --ml output).
@@ -471,7 +473,7 @@ def evaluate(
             ~/.cache/guidegen/vgg16-397923af.pth).
         slices_per_axis: slices per volume and axis for FID.
         frame_size: FVD frame size.
-        class_map: class map JSON (default: the reference datalist's).
+        class_map: class map JSON (default: the reference datalist's, or GuideGen's 20 classes without --reference).
         tracking_uri: MLflow tracking URI (default: sqlite:///OUTPUT_DIR/mlruns.db).
         mlflow: log to MLflow.
 

@@ -178,7 +178,43 @@ def test_cli_evaluate_on_generate_output(synthetic, models, feature_weights, tmp
     assert metrics["num_generated"] == 2 and metrics["num_reference"] == 4
     assert np.isfinite(metrics["realism"]["fid"]["mean"]) and metrics["realism"]["fid"]["mean"] >= 0.0
     assert np.isfinite(metrics["realism"]["fvd"]) and metrics["realism"]["fvd"] >= 0.0
-    # a free-text prompt carries no structured tumor fields: the report says how to get mask-prompt alignment
-    assert metrics["mask_prompt"]["unavailable"].startswith("no generated sample has a record with tumor_count")
+    # the prompt's fields ("a tumor in the liver") were read at generation, so the tumor accuracies are computed
+    assert metrics["mask_prompt"]["cases"] == 2 and 0.0 <= metrics["mask_prompt"]["tumor_count_accuracy"] <= 1.0
     assert (tmp_path / "eval/metrics.md").is_file() and (tmp_path / "eval/montage_axial.png").is_file()
     assert not (tmp_path / "eval/mlruns.db").exists()  # --mlflow false is honoured (fire passes it as the string "false")
+
+
+def test_evaluate_without_a_reference_scores_alignment_and_reads_prompts_without_records(synthetic, tmp_path):
+    """No --reference: realism metrics say why they are missing; tumor accuracies come from records or prompts."""
+    copy = tmp_path / "generated"
+    shutil.copytree(synthetic / "samples", copy)
+    # a sample of an older run made from free text: no record stored, only the prompt as given
+    record_file = copy / "sample_00000" / "record.json"
+    sample_record = json.loads(record_file.read_text())
+    sample_record.update(record={}, prompt="70 yo woman, 2 tumours in the pancreas, pancreatic ca")
+    sample_record.pop("given_prompt", None)
+    record_file.write_text(json.dumps(sample_record))
+    native = nib.load(str(copy / "sample_00000" / "mask_native.nii.gz"))
+    labels = np.zeros(native.shape, np.uint8)
+    labels[2:12, 2:12, 2:12] = 9  # pancreas holding two separate tumors: count and location right
+    labels[3:5, 3:5, 3:5] = labels[8:10, 8:10, 8:10] = 19
+    nib.save(nib.Nifti1Image(labels, native.affine), str(copy / "sample_00000" / "mask_native.nii.gz"))
+    metrics = evaluate_run(copy, None, tmp_path / "eval", log_to_mlflow=False)
+    assert metrics["reference"] is None and metrics["num_reference"] == 0
+    for name in ("fid", "fvd", "lpips"):
+        assert metrics["realism"][name].startswith("unavailable") and "--reference" in metrics["realism"][name]
+    assert metrics["mask_prompt"]["cases"] == 4 and metrics["mask_prompt"]["records_read_from_prompts"] == 1
+    confusion = {(e["named"], e["found"]): e["count"] for e in metrics["mask_prompt"]["confusion"]}
+    assert confusion[("pancreas", "pancreas")] == 2
+    assert "none (realism metrics need --reference)" in (tmp_path / "eval/metrics.md").read_text()
+    assert (tmp_path / "eval/montage_axial.png").is_file()
+
+
+def test_cli_evaluate_without_reference(synthetic, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "custom_components.cli", "evaluate", "--generated", str(synthetic),
+                             "--output_dir", str(tmp_path / "eval"), "--mlflow", "false"],
+                            capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| tumor count accuracy |" in result.stderr
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert metrics["mask_prompt"]["cases"] == 4 and metrics["realism"]["fid"].startswith("unavailable")

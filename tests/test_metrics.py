@@ -70,6 +70,19 @@ def test_wrong_count_and_healthy_records():
     assert healthy.count_correct and healthy.location_correct is None and healthy.found_count == 0
 
 
+def test_expected_count_is_what_the_prompt_states():
+    """"Multiple" tumors are at least two; an organ without a count is "a tumor" (one), as the prompt writes it."""
+    two, class_map = _mask_with_tumors("liver", [(5, 5, 5), (12, 5, 12)])
+    one, _ = _mask_with_tumors("liver", [(5, 5, 5)])
+    multiple = {"tumor_organ": "liver", "tumor_count_min": 2}
+    assert tumor_alignment(two, multiple, class_map).count_correct
+    result = tumor_alignment(one, multiple, class_map)
+    assert not result.count_correct and (result.expected_count, result.expected_at_least) == (2, True)
+    organ_only = {"tumor_organ": "liver"}
+    assert tumor_alignment(one, organ_only, class_map).count_correct
+    assert not tumor_alignment(two, organ_only, class_map).count_correct
+
+
 def test_alignment_bad_input():
     class_map = load_class_map()
     with pytest.raises(GuideGenInputError, match="class 'brain' is not in class map"):

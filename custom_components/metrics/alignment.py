@@ -2,8 +2,10 @@
 asks for them?
 
 Each connected tumor component is assigned the organ it borders most (the commonest non-background,
-non-tumor class in a one-voxel shell around it). Count accuracy compares the number of components with the
-record's ``tumor_count``; location accuracy compares each component's organ with ``tumor_organ``.
+non-tumor class in a one-voxel shell around it). Count accuracy compares the number of components with the number
+of tumors the record's prompt states (:func:`~custom_components.data.prompts.stated_tumor_count`: ``tumor_count``;
+"multiple" = at least two; an organ or a size without a count = one tumor, as the prompt says "a tumor"); location
+accuracy compares each component's organ with ``tumor_organ``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from custom_components.data.class_map import ClassMap
+from custom_components.data.prompts import stated_tumor_count
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["TumorAlignment", "tumor_alignment"]
@@ -26,15 +29,18 @@ class TumorAlignment:
     """Alignment of one mask with its record.
 
     Attributes:
-        expected_count: the record's tumor_count (0 when absent).
+        expected_count: the number of tumors the record states (0 when it states none); the least number when
+            ``expected_at_least``.
+        expected_at_least: the record says "multiple" tumors rather than a number.
         found_count: connected tumor components in the mask.
         component_organs: organ each component borders most ("background" when it touches no organ).
-        count_correct: found_count == expected_count.
+        count_correct: found_count == expected_count (>= when ``expected_at_least``).
         location_correct: every component lies in the record's organ (None when no organ is named or no
             component exists).
     """
 
     expected_count: int
+    expected_at_least: bool
     found_count: int
     component_organs: list[str]
     count_correct: bool
@@ -46,7 +52,7 @@ def tumor_alignment(mask: np.ndarray, record: Mapping[str, Any], class_map: Clas
 
     Args:
         mask: (X, Y, Z) class indices of ``class_map``.
-        record: normalised record (``tumor_count``, ``tumor_organ``).
+        record: normalised record (``tumor_count``, ``tumor_count_min``, ``tumor_organ``, ``tumor_size_mm``).
         class_map: must define a tumor class.
 
     Raises:
@@ -69,12 +75,13 @@ def tumor_alignment(mask: np.ndarray, record: Mapping[str, Any], class_map: Clas
         neighbours = np.bincount(mask[shell].ravel(), minlength=class_map.num_classes)
         neighbours[0] = 0
         organs.append(int(np.argmax(neighbours)) if neighbours.any() else 0)
-    expected_count = int(record.get("tumor_count") or 0)
+    expected_count, at_least = stated_tumor_count(record) or (0, False)
     location = None if expected_organ is None or not organs else all(o == expected_organ for o in organs)
     return TumorAlignment(
         expected_count=expected_count,
+        expected_at_least=at_least,
         found_count=count,
         component_organs=[class_map.class_names[o] for o in organs],
-        count_correct=count == expected_count,
+        count_correct=count >= expected_count if at_least else count == expected_count,
         location_correct=location,
     )

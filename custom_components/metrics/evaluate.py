@@ -1,11 +1,16 @@
-"""Evaluating generated pairs against a reference data set: every metric of the paper that can be computed here.
+"""Evaluating generated pairs: every metric of the paper that can be computed here.
 
 - image realism: LPIPS (VGG, slices; paired volumes only), FID over slices of all three axes (averaged), FVD with
   axial slices as frames — each needs its feature network's weights in a local file, and reports
   ``"unavailable: put weights at ..."`` instead of a number without them;
 - image–mask alignment: Dice and HD95 (MONAI) per organ between the generated mask and a segmentation of the
   generated CT (e.g. TotalSegmentator run on it; ``segmentations_dir``);
-- mask–prompt alignment: tumor count accuracy and tumor location accuracy (paper Fig. 3b) from each sample's record.
+- mask–prompt alignment: tumor count accuracy and tumor location accuracy (paper Fig. 3b) from each sample's record;
+  a sample generated from a prompt without a stored record (a run made before prompts were read, or a ``synthesize``
+  datalist) is scored with the fields :func:`~custom_components.data.free_text.parse_free_text` reads from its prompt.
+
+Only the realism metrics compare with real CTs: without a reference data set they report why they are unavailable and
+the alignment metrics are still computed.
 
 Writes ``metrics.json``, ``metrics.md``, PNG figures, and logs the numbers and files to MLflow.
 """
@@ -32,6 +37,8 @@ from custom_components.errors import GuideGenInputError
 __all__ = ["GeneratedSample", "ReferenceCase", "find_generated_samples", "load_reference", "evaluate_run"]
 
 _SPACING_TOLERANCE = 0.01  # relative
+_NO_REFERENCE = ("unavailable: this metric compares the generated CTs with real ones; pass --reference with a prepared "
+                 "datalist (guidegen prepare / demo-data)")
 
 
 @dataclass
@@ -205,11 +212,18 @@ def _mask_prompt_alignment(samples: Sequence[GeneratedSample], class_map: ClassM
     """Tumor count and location accuracy of the generated masks against their records (paper Fig. 3b)."""
     from custom_components.metrics.alignment import tumor_alignment
 
+    from custom_components.data.free_text import parse_free_text
+    from custom_components.data.prompts import stated_tumor_count
+
     counted, located = [], []
+    parsed_from_prompt = 0
     confusion: dict[tuple[str, str], int] = {}
     for sample in samples:
         record = sample.record.get("record") or {}
-        if record.get("tumor_count") is None and record.get("tumor_organ") is None:
+        if not record and (sample.record.get("given_prompt") or sample.record.get("prompt")):
+            record = parse_free_text(sample.record.get("given_prompt") or sample.record["prompt"], class_map.class_names)
+            parsed_from_prompt += 1
+        if stated_tumor_count(record) is None:
             continue
         native = sample.mask_path.with_name("mask_native.nii.gz")
         mask_path = native if native.is_file() else sample.mask_path
@@ -226,9 +240,11 @@ def _mask_prompt_alignment(samples: Sequence[GeneratedSample], class_map: ClassM
                 key = (str(record["tumor_organ"]), organ)
                 confusion[key] = confusion.get(key, 0) + 1
     if not counted:
-        return {"unavailable": "no generated sample has a record with tumor_count or tumor_organ (generate from records)"}
+        return {"unavailable": "no generated sample's record or prompt states its tumors (a tumor count, organ or size, "
+                               "or 'no tumor'); write them in the prompt or generate from records"}
     return {
         "cases": len(counted),
+        "records_read_from_prompts": parsed_from_prompt,
         "tumor_count_accuracy": float(np.mean(counted)),
         "tumor_location_accuracy": float(np.mean(located)) if located else None,
         "location_cases": len(located),
@@ -242,8 +258,10 @@ def _markdown(metrics: Mapping[str, Any]) -> str:
             return f"{value:.4g}"
         return str(value)
 
+    reference = (f"{metrics['reference']} ({metrics['num_reference']} cases)" if metrics["reference"]
+                 else "none (realism metrics need --reference)")
     lines = ["# GuideGen evaluation", "", f"generated: {metrics['generated']} ({metrics['num_generated']} samples)",
-             f"reference: {metrics['reference']} ({metrics['num_reference']} cases)", "", "| metric | value |", "| --- | --- |"]
+             f"reference: {reference}", "", "| metric | value |", "| --- | --- |"]
     realism = metrics["realism"]
     fid = realism["fid"]
     lines.append(f"| FID (slices, mean of 3 axes) | {show(fid['mean']) if isinstance(fid, dict) else fid} |")
@@ -261,7 +279,9 @@ def _markdown(metrics: Mapping[str, Any]) -> str:
     if "unavailable" in mask_prompt:
         lines.append(f"| tumor count / location accuracy | {mask_prompt['unavailable']} |")
     else:
-        lines.append(f"| tumor count accuracy | {show(mask_prompt['tumor_count_accuracy'])} ({mask_prompt['cases']} cases) |")
+        read = mask_prompt.get("records_read_from_prompts")
+        lines.append(f"| tumor count accuracy | {show(mask_prompt['tumor_count_accuracy'])} ({mask_prompt['cases']} cases"
+                     f"{f', {read} records read from their prompts' if read else ''}) |")
         lines.append(f"| tumor location accuracy | {show(mask_prompt['tumor_location_accuracy'])} ({mask_prompt['location_cases']} cases) |")
     return "\n".join(lines) + "\n"
 
@@ -295,7 +315,7 @@ def _log_mlflow(metrics: Mapping[str, Any], output_dir: Path, tracking_uri: str 
 
 def evaluate_run(
     generated_dir: str | os.PathLike,
-    reference_datalist: str | os.PathLike,
+    reference_datalist: str | os.PathLike | None,
     output_dir: str | os.PathLike,
     split: str = "validation",
     class_map_path: str | None = None,
@@ -308,14 +328,15 @@ def evaluate_run(
     tracking_uri: str | None = None,
     log_to_mlflow: bool = True,
 ) -> dict[str, Any]:
-    """Compute every available metric of a generated folder against a reference datalist split, and write the report.
+    """Compute every available metric of a generated folder (against a reference datalist split), and write the report.
 
     Args:
         generated_dir: a ``guidegen generate`` run folder or ``guidegen synthesize`` output folder.
-        reference_datalist: a prepared datalist (``guidegen prepare`` / ``demo-data``).
+        reference_datalist: a prepared datalist (``guidegen prepare`` / ``demo-data``), or None: no realism metrics
+            (they report why), image–mask and mask–prompt alignment only.
         output_dir: where metrics.json, metrics.md and the figures go.
         split: the datalist list holding the reference cases.
-        class_map_path: class map (default: the reference datalist's).
+        class_map_path: class map (default: the reference datalist's, or the default class map without one).
         segmentations_dir: segmentations of the generated CTs (``<sample_id>.nii.gz``), for image–mask Dice/HD95.
         ts_version: labelling of those segmentations: ``auto``/``v1``/``v2`` (TotalSegmentator) or ``guidegen`` (class indices).
         resample: resample generated CTs to the reference spacing instead of refusing a mismatch.
@@ -332,29 +353,39 @@ def evaluate_run(
         GuideGenInputError: empty or missing folders, unreadable files, spacing mismatch without ``resample``.
     """
     samples = find_generated_samples(generated_dir)
-    references, reference_class_map = load_reference(reference_datalist, split)
-    class_map = load_class_map(class_map_path) if class_map_path else reference_class_map
+    references: list[ReferenceCase] = []
+    if reference_datalist is not None:
+        references, reference_class_map = load_reference(reference_datalist, split)
+        class_map = load_class_map(class_map_path) if class_map_path else reference_class_map
+    else:
+        class_map = load_class_map(class_map_path)
     generated, generated_spacing = _read_cts([s.ct_path for s in samples], "generated CT")
     reference, reference_spacing = _read_cts([r.image_path for r in references], "reference CT")
-    generated = _check_spacing(generated, generated_spacing, reference_spacing, bool(resample))
-    by_label = {str(r.label_path.resolve()): i for i, r in enumerate(references) if r.label_path is not None}
-    paired = [(g, by_label[str(Path(s.record.get("mask_from", "")).resolve())]) for g, s in enumerate(samples)
-              if s.record.get("mask_from") and str(Path(s.record["mask_from"]).resolve()) in by_label
-              and generated[g].shape == reference[by_label[str(Path(s.record["mask_from"]).resolve())]].shape]
+    paired: list[tuple[int, int]] = []
+    if references:
+        generated = _check_spacing(generated, generated_spacing, reference_spacing, bool(resample))
+        by_label = {str(r.label_path.resolve()): i for i, r in enumerate(references) if r.label_path is not None}
+        paired = [(g, by_label[str(Path(s.record.get("mask_from", "")).resolve())]) for g, s in enumerate(samples)
+                  if s.record.get("mask_from") and str(Path(s.record["mask_from"]).resolve()) in by_label
+                  and generated[g].shape == reference[by_label[str(Path(s.record["mask_from"]).resolve())]].shape]
+        realism = _feature_metrics(generated, reference, paired, dict(weights or {}), int(slices_per_axis), int(frame_size))
+    else:
+        realism = {"fid": _NO_REFERENCE, "fvd": _NO_REFERENCE, "lpips": _NO_REFERENCE}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {
         "generated": str(Path(generated_dir).resolve()), "num_generated": len(samples),
-        "reference": str(Path(reference_datalist).resolve()), "split": split, "num_reference": len(references),
-        "realism": _feature_metrics(generated, reference, paired, dict(weights or {}), int(slices_per_axis), int(frame_size)),
+        "reference": None if reference_datalist is None else str(Path(reference_datalist).resolve()),
+        "split": None if reference_datalist is None else split, "num_reference": len(references),
+        "realism": realism,
         "image_mask": _image_mask_alignment(samples, segmentations_dir, ts_version, class_map),
         "mask_prompt": _mask_prompt_alignment(samples, class_map),
         "paired_for_lpips": len(paired),
     }
     from custom_components.metrics.plots import plot_confusion, plot_dice_bars, plot_montage
 
-    figures = [str(plot_montage([("generated", _middle_slices(generated)), ("reference", _middle_slices(reference))],
-                                output_dir / "montage_axial.png"))]
+    montage_rows = [("generated", _middle_slices(generated))] + ([("reference", _middle_slices(reference))] if reference else [])
+    figures = [str(plot_montage(montage_rows, output_dir / "montage_axial.png"))]
     if "per_organ" in metrics["image_mask"]:
         dice = {name: (v["dice"] if v["dice"] is not None else float("nan")) for name, v in metrics["image_mask"]["per_organ"].items()}
         figures.append(str(plot_dice_bars(dice, output_dir / "dice_per_organ.png")))
