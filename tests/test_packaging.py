@@ -34,9 +34,10 @@ def test_every_bundle_zips_to_name_and_version_with_one_top_folder(tmp_path):
 def test_checkpoints_and_run_outputs_stay_out_but_the_model_goes_in(tmp_path):
     bundle = tmp_path / "guidegen_tcss"
     shutil.copytree(ROOT / "bundles/guidegen_tcss", bundle, ignore=shutil.ignore_patterns("models", "outputs", "eval"))
-    for relative in ("models/model.pt", "models/checkpoint_epoch=5.pt", "models/checkpoint_final.pt", "outputs/mlruns.db", "eval/x/mask.nii.gz"):
+    for relative in ("models/checkpoint_epoch=5.pt", "models/checkpoint_final.pt", "outputs/mlruns.db", "eval/x/mask.nii.gz"):
         (bundle / relative).parent.mkdir(parents=True, exist_ok=True)
         (bundle / relative).write_bytes(b"x")
+    shutil.copy(ROOT / "bundles/guidegen_tcss/models/model.pt", bundle / "models/model.pt")  # packaging verifies it
     names = zipfile.ZipFile(package_bundle(bundle, tmp_path / "dist")).namelist()
     assert "guidegen_tcss/models/model.pt" in names
     assert not any("checkpoint" in n or "/outputs/" in n or "/eval/" in n for n in names)

@@ -1,6 +1,17 @@
 """Ignite-based training shared by the GuideGen bundles: trainer, stage iterations, checkpoints, DDP."""
 
-from .checkpoints import STAGES, CheckpointInfo, compact_model_file, latest_checkpoint, load_model_weights, load_network, read_checkpoint_info, read_model_file
+from .checkpoints import (
+    STAGES,
+    CheckpointInfo,
+    compact_model_file,
+    latest_checkpoint,
+    load_model_weights,
+    load_network,
+    model_file_digest,
+    read_checkpoint_info,
+    read_intact_model_file,
+    read_model_file,
+)
 from .residency import StageResidency
 from .handlers import ResumeFromLatest, TrainingCheckpointSaver, TrainingProgressBar
 from .distributed import (
@@ -23,6 +34,8 @@ __all__ = [
     "load_model_weights",
     "load_network",
     "compact_model_file",
+    "model_file_digest",
+    "read_intact_model_file",
     "read_checkpoint_info",
     "read_model_file",
     "StageResidency",

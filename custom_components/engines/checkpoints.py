@@ -3,22 +3,52 @@
 Every checkpoint carries a :class:`CheckpointInfo` entry (``"info"``) that names the stage it belongs to
 and the class map it was trained with. Loading a checkpoint of another stage, or one trained for a
 different number of classes, fails with a message that says so instead of a wall of shape mismatches.
+
+Every model file is verified when it is read (:func:`read_model_file`, the one place that reads them): the CRC-32 that
+``torch.save`` records for each stored tensor, the digest of the bundle's ``large_files.yml`` where the file is listed
+there, and finite parameters. A damaged file stops the run with the file and the fix named; the checks run once per
+version of a file (path, size, modification time) in a process.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["STAGES", "CheckpointInfo", "latest_checkpoint", "read_model_file", "read_checkpoint_info", "load_model_weights", "load_network", "compact_model_file"]
+__all__ = [
+    "STAGES",
+    "CheckpointInfo",
+    "latest_checkpoint",
+    "model_file_digest",
+    "read_intact_model_file",
+    "read_model_file",
+    "read_checkpoint_info",
+    "load_model_weights",
+    "load_network",
+    "compact_model_file",
+]
 
 STAGES = ("tcss", "autoencoder", "ldm")
+LARGE_FILES = "large_files.yml"
+logger = logging.getLogger(__name__)
+
+# (resolved path, size, mtime_ns) of the file versions already verified, and digests already computed: a run reads a
+# model file several times (info, weights, reloads of a released network) and hashes each version once
+_FileStamp = tuple[str, int, int]
+_LargeFilesEntry = tuple[Path, str, str]  # (large_files.yml, hash_type, hash_val)
+_intact_files: set[_FileStamp] = set()
+_warned_files: set[_FileStamp] = set()
+_digests: dict[tuple[_FileStamp, str], str] = {}
 
 
 class CheckpointInfo:
@@ -81,23 +111,175 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime_ns))
 
 
-def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a model file (``{"model": state_dict, "info": {...}}``, written at the end of training).
+def _file_stamp(path: Path) -> _FileStamp:
+    stat = path.stat()
+    return str(path.resolve()), int(stat.st_size), int(stat.st_mtime_ns)
+
+
+def model_file_digest(path: str | os.PathLike, hash_type: str = "md5") -> str:
+    """Hex digest of a file, as ``large_files.yml`` records it (computed once per version of the file).
+
+    Args:
+        path: the file.
+        hash_type: one of MONAI's ``SUPPORTED_HASH_TYPES`` (md5, sha1, sha256, sha512), the types that
+            ``monai.bundle download_large_files`` checks.
+
+    Returns:
+        the lowercase hex digest.
 
     Raises:
-        GuideGenInputError: missing, unreadable or not a guidegen model file.
+        GuideGenInputError: an unsupported hash type.
     """
-    path = Path(path)
+    from monai.apps.utils import SUPPORTED_HASH_TYPES
+
+    hash_type = str(hash_type).lower()
+    if hash_type not in SUPPORTED_HASH_TYPES:
+        raise GuideGenInputError(f"hash type '{hash_type}' is not supported; use one of {sorted(SUPPORTED_HASH_TYPES)}")
+    key = (_file_stamp(Path(path)), hash_type)
+    if key not in _digests:
+        digest = hashlib.new(hash_type)
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def _large_files_entry(path: Path) -> _LargeFilesEntry | None:
+    """``(large_files.yml, hash_type, hash_val)`` of the bundle file listing this model file, if one does.
+
+    A bundle lists its shipped weights relative to its root (``models/model.pt``), so every folder above the file is a
+    candidate root; a file from elsewhere (e.g. a freshly trained one) has no entry.
+    """
+    resolved = path.resolve()
+    for root in resolved.parents:
+        listing = root / LARGE_FILES
+        if not listing.is_file():
+            continue
+        try:
+            entries = (yaml.safe_load(listing.read_text()) or {}).get("large_files") or []
+        except (OSError, yaml.YAMLError, AttributeError) as err:
+            raise GuideGenInputError(f"{listing} cannot be read ({err}); restore it or write it again with `guidegen package`") from err
+        for entry in entries:
+            if isinstance(entry, Mapping) and entry.get("hash_val") and (root / str(entry.get("path", ""))).resolve() == resolved:
+                return listing, str(entry.get("hash_type", "md5")), str(entry["hash_val"]).lower()
+    return None
+
+
+def _restore_advice(path: Path, listed: _LargeFilesEntry | None) -> str:
+    """How to get an undamaged copy of a model file back (with both digests where a bundle lists the file)."""
+    if listed is None:
+        return f"copy {path} again from where it came from, restore it with `git checkout -- {path}` if it is tracked, or retrain it"
+    listing, hash_type, recorded = listed
+    return (f"its {hash_type} is {model_file_digest(path, hash_type)}, {listing} records {recorded}: restore the bundle's "
+            f"file with `git checkout -- {path}` (in a clone of the repository) or download the bundle again "
+            f"(`python -m monai.bundle download --name {listing.parent.name} ...`), or retrain it")
+
+
+def _check_stored_checksums(path: Path) -> None:
+    """Compare every record of a torch zip file with the CRC-32 ``torch.save`` stored for it.
+
+    ``torch.load`` does not check these (with ``mmap`` it maps the tensor bytes as they are): flipped bytes inside a
+    tensor would otherwise load as wrong (often NaN) weights.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # a legacy or foreign file: torch.load reports it
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.CRC == 0:
+                continue  # written with torch.serialization.set_crc32_options(False): nothing stored to compare with
+            with archive.open(record) as stream:
+                while stream.read(1 << 20):
+                    pass
+
+
+def _read_checked(path: Path, map_location: Any, listed: _LargeFilesEntry | None) -> dict[str, Any]:
+    """Read a model file, checking its stored checksums and finite parameters once per version (see callers)."""
     if not path.is_file():
         raise GuideGenInputError(f"model weights {path} not found; train the bundle first or point the config at the file")
+    stamp = _file_stamp(path)
+    verified = stamp in _intact_files
     try:
+        if not verified:
+            _check_stored_checksums(path)
         # mmap: reading the info entry (or copying weights into a network) does not pull the whole file into memory
         checkpoint = torch.load(str(path), map_location=map_location, weights_only=True, mmap=True)
+    except zipfile.BadZipFile as err:  # from the checksum comparison: "Bad CRC-32 for file ..." or a broken index
+        raise GuideGenInputError(
+            f"model weights {path} cannot be read: the file is damaged ({err}: it fails the checksum torch stored when "
+            f"saving it); {_restore_advice(path, listed)}"
+        ) from err
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise GuideGenInputError(f"model weights {path} cannot be read ({type(err).__name__}: {err})") from err
+        raise GuideGenInputError(
+            f"model weights {path} cannot be read ({type(err).__name__}: {err}); {_restore_advice(path, listed)}"
+        ) from err
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "info" not in checkpoint:
         raise GuideGenInputError(f"{path} is not a guidegen model file (expected 'model' and 'info' entries)")
+    if not verified:
+        non_finite = [name for name, value in checkpoint["model"].items()
+                      if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if non_finite:
+            shown = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+            raise GuideGenInputError(
+                f"model weights {path} hold non-finite values (NaN or infinity) in {shown}: the training that wrote "
+                f"them diverged or the file was damaged; {_restore_advice(path, listed)}"
+            )
+        _intact_files.add(stamp)
     return dict(checkpoint)
+
+
+def read_intact_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """:func:`read_model_file` without the comparison with ``large_files.yml``, for recording a new digest.
+
+    Args:
+        path: model file (``{"model": state_dict, "info": {...}}``).
+        map_location: passed to :func:`torch.load`.
+
+    Returns:
+        the checkpoint dict (tensors memory-mapped from the file).
+
+    Raises:
+        GuideGenInputError: missing, unreadable, failing its stored checksums, not a guidegen model file, or holding
+            non-finite parameters.
+    """
+    return _read_checked(Path(path), map_location, listed=None)
+
+
+def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a model file (``{"model": state_dict, "info": {...}}``, written at the end of training), verified.
+
+    Checks, once per version of the file: the CRC-32 torch stored for every tensor, finite parameters, and, where a
+    bundle's ``large_files.yml`` lists the file, its digest. A damaged file is refused (a listed one with both digests
+    named); an intact file whose digest differs from the listed one (weights retrained into the bundle's own
+    ``models/`` folder) is used, with a warning that names both digests.
+
+    Args:
+        path: the model file.
+        map_location: passed to :func:`torch.load`.
+
+    Returns:
+        the checkpoint dict.
+
+    Raises:
+        GuideGenInputError: missing, unreadable, damaged, not a guidegen model file, or non-finite parameters; the
+            message names the file and how to restore it.
+    """
+    path = Path(path)
+    listed = _large_files_entry(path) if path.is_file() else None
+    checkpoint = _read_checked(path, map_location, listed)
+    stamp = _file_stamp(path)
+    if listed is not None and stamp not in _warned_files:
+        listing, hash_type, recorded = listed
+        actual = model_file_digest(path, hash_type)
+        if actual != recorded:
+            # retraining in place is how the README's stage-by-stage runs work: point the stale digest out, do not stop
+            _warned_files.add(stamp)
+            logger.warning(
+                "model weights %s are intact but are not the file %s lists (%s %s, recorded %s): using them as "
+                "retrained weights. Record them with `guidegen package`, or restore the shipped file with "
+                "`git checkout -- %s`.", path, listing, hash_type, actual, recorded, path,
+            )
+    return checkpoint
 
 
 def read_checkpoint_info(path: str | os.PathLike, stage: str | None = None) -> dict[str, Any]:
