@@ -1,7 +1,10 @@
-"""Locating bundle folders, so configs work from any working directory."""
+"""Locating bundle folders, so configs work from any working directory, and checking a run's settings."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -9,7 +12,9 @@ from typing import Any
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["bundle_dir", "bundle_config"]
+__all__ = ["bundle_dir", "bundle_config", "refuse_unknown_overrides"]
+
+logger = logging.getLogger(__name__)
 
 
 def bundle_dir(name: str) -> str:
@@ -61,3 +66,71 @@ def bundle_config(name: str, config_name: str = "inference.yaml", overrides: Map
         if value is not None:
             parser[key] = value
     return parser
+
+
+def _running_workflow() -> Any:
+    """The ``monai.bundle`` ConfigWorkflow whose ``initialize`` list is being evaluated (None outside one).
+
+    A config expression sees only the config's own ids, not the parser holding the merged settings, so the
+    workflow is found on the call stack: ``ConfigWorkflow.initialize`` evaluates its list in its own methods.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, ConfigWorkflow):
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _defined_settings(config_dir: Path) -> set[str]:
+    """Top-level ids that the bundle's own config files define, plus those MONAI itself adds to a run."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+    defined = {ConfigParser.meta_key}
+    for path in sorted(config_dir.glob("*")):
+        if path.suffix.lower() in {".yaml", ".yml", ".json"} and path.name != "metadata.json":
+            defined |= set(ConfigParser.load_config_file(str(path)) or {})
+    # `--tracking mlflow` adds its settings (tracking_uri, save_execute_config, ...) as top-level ids
+    for tracking in DEFAULT_EXP_MGMT_SETTINGS.values():
+        defined |= set(tracking["configs"]) - set(tracking["handlers_id"])
+    return defined
+
+
+def refuse_unknown_overrides() -> None:
+    """Stop a ``monai.bundle run`` whose settings include a top-level id that no config of the bundle defines.
+
+    MONAI adds any ``--name value`` to the config, used or not, so a misspelt setting (``--max_epoch 1`` for
+    ``--max_epochs``) is silently ignored and the run goes on with the default. Each GuideGen config calls this
+    first in its ``initialize`` list, before anything is built. The ids allowed are those of every config file
+    in the bundle's config folder (MONAI's config root: the folder of the first ``--config_file``), so the same
+    check covers command-line settings and the keys of extra override files.
+
+    Raises:
+        GuideGenInputError: one or more unknown settings, each with the closest defined name.
+    """
+    workflow = _running_workflow()
+    if workflow is None:  # a config evaluated outside `monai.bundle run` (nothing was given on a command line)
+        logger.debug("refuse_unknown_overrides: not inside a monai.bundle workflow; nothing to check")
+        return
+    config_dir = Path(workflow.config_root_path)
+    defined = _defined_settings(config_dir)
+    unknown = [key for key in workflow.parser.get() if key not in defined]
+    if not unknown:
+        return
+    problems = []
+    for key in unknown:
+        closest = difflib.get_close_matches(key, sorted(defined), n=1, cutoff=0.6)
+        problems.append(f"--{key}" + (f" (did you mean --{closest[0]}?)" if closest else ""))
+    raise GuideGenInputError(
+        f"unknown setting(s) {', '.join(problems)}: no config in {config_dir} defines "
+        f"{'it' if len(unknown) == 1 else 'them'}, so the run would ignore {'it' if len(unknown) == 1 else 'them'}; "
+        "correct the spelling on the command line (or in your override file). The settings are the top-level keys "
+        f"of {config_dir}/*.yaml."
+    )
