@@ -10,7 +10,7 @@ from scipy import ndimage
 from custom_components.data.class_map import load_class_map
 from custom_components.data.datalist import load_datalist
 from custom_components.data.demo import build_demo_dataset
-from custom_components.data.example import EXAMPLE_CASE_ID
+from custom_components.data.example import EXAMPLE_CASE_ID, HELD_OUT_FIRST_SLICE, example_ct_files
 from custom_components.errors import GuideGenInputError
 
 
@@ -35,6 +35,18 @@ def test_demo_datalist_is_complete(demo):
     raw_records = (output / "raw/records.csv").read_text()
     assert raw_records.startswith("case_id,age,sex,race,diagnosis,tumor_organ,tumor_count,tumor_size_mm,stage,remarks")
     assert (output / "raw/LICENSE-TotalSegmentator.txt").is_file()
+
+
+def test_demo_holds_out_the_ct_small_slab_of_the_example_ct(demo):
+    """The last 30 slices of the example CT (TotalSegmentator's ct_small) are the held-out test case of the
+    autoencoder benchmark and of the demo weights: the demo trains on the slices before them only."""
+    output, _ = demo
+    shipped = example_ct_files()
+    for kind, source in (("images", shipped["image"]), ("segmentations", shipped["segmentation"])):
+        raw, full = nib.load(str(output / "raw" / kind / f"{EXAMPLE_CASE_ID}.nii.gz")), nib.load(str(source))
+        assert raw.shape == full.shape[:2] + (HELD_OUT_FIRST_SLICE,) and full.shape[2] == HELD_OUT_FIRST_SLICE + 30
+        np.testing.assert_array_equal(np.asarray(raw.dataobj), np.asarray(full.dataobj)[:, :, :HELD_OUT_FIRST_SLICE])
+        np.testing.assert_allclose(raw.affine, full.affine)
 
 
 def test_demo_tumors_sit_in_the_organ_their_record_names(demo):

@@ -19,10 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from custom_components.data.example import EXAMPLE_CASE_ID, EXAMPLE_RECORD, example_ct_files
+from custom_components.data.example import EXAMPLE_CASE_ID, EXAMPLE_RECORD, HELD_OUT_FIRST_SLICE, example_ct_files
 from custom_components.data.io import atomic_write, save_nifti, write_json
 from custom_components.data.phantom import REFERENCE_FIELD_OF_VIEW_MM, generate_phantom, make_phantom_record
 from custom_components.data.prepare import PrepareSettings, parse_size, prepare_dataset
@@ -78,11 +79,14 @@ def _write_phantoms(
 
 
 def _copy_example(raw_dir: Path) -> None:
+    """The example CT and its labels without the held-out slab (slices ``HELD_OUT_FIRST_SLICE`` onwards)."""
     files = example_ct_files()
     for kind, source in (("images", files["image"]), ("segmentations", files["segmentation"])):
         target = raw_dir / kind / f"{EXAMPLE_CASE_ID}.nii.gz"
-        if not target.is_file():
-            atomic_write(target, lambda temporary, source=source: shutil.copyfile(source, temporary))
+        training_part = nib.load(str(source)).slicer[:, :, :HELD_OUT_FIRST_SLICE]
+        # a raw folder from before the hold-out holds the whole CT: replace it
+        if not target.is_file() or nib.load(str(target)).shape != training_part.shape:
+            atomic_write(target, lambda temporary, image=training_part: nib.save(image, str(temporary)))
     license_copy = raw_dir / files["license"].name
     if not license_copy.is_file():
         shutil.copyfile(files["license"], license_copy)

@@ -1,7 +1,9 @@
 """The real CT shipped with the package: an abdominal scan (3 mm) with its TotalSegmentator v1 labels.
 
 It comes from TotalSegmentator's example data (Apache-2.0, license text beside the files). The demo data
-set uses it next to the phantoms so that every stage also sees real anatomy and real HU statistics.
+set uses it next to the phantoms so that every stage also sees real anatomy and real HU statistics -- all but its
+last 30 axial slices (:data:`HELD_OUT_FIRST_SLICE`), which are TotalSegmentator's ``ct_small`` example (the upper
+abdomen with the lung bases) and stay unseen, so that the demo weights can be judged on real CT they never saw.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXAMPLE_CASE_ID", "EXAMPLE_RECORD", "example_ct_files"]
+__all__ = ["EXAMPLE_CASE_ID", "EXAMPLE_RECORD", "HELD_OUT_FIRST_SLICE", "example_ct_files"]
+
+# Slices 82-111 of the example CT are TotalSegmentator's ct_small example: held out of every training set.
+HELD_OUT_FIRST_SLICE = 82
 
 EXAMPLE_CASE_ID = "totalsegmentator_example"
 EXAMPLE_RECORD: dict[str, Any] = {
