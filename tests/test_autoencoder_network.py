@@ -372,3 +372,37 @@ def test_gradients_reach_the_fusion_convs() -> None:
     for name in fused:
         assert grads[name].abs().sum() > 0, name
     assert grads["encoder.conv_in.conv.weight"][:, 1:].abs().sum() > 0  # the one-hot channels of conv_in
+
+
+# ---------------------------------------------------------------------------------------------- intensity normalisation
+
+
+def test_intensity_normalisation_is_an_affine_map_around_the_networks() -> None:
+    """With (shift, scale) the encoder sees (x - shift) / scale and the output is mapped back: the same weights
+    give exactly the plain network's latent of the normalised image, and its output rescaled."""
+    plain = randomize(tiny_ae()).eval()
+    normalised = randomize(tiny_ae(intensity_shift=-0.5, intensity_scale=0.25)).eval()
+    x, mask = image((16, 16, 16)), labels((16, 16, 16))
+    with torch.no_grad():
+        mu, _ = normalised.encode(x, mask)
+        mu_ref, _ = plain.encode((x + 0.5) / 0.25, mask)
+        torch.testing.assert_close(mu, mu_ref)
+        torch.testing.assert_close(normalised.decode(mu, mask), plain.decode(mu, mask) * 0.25 - 0.5)
+        assert (normalised.reconstruct(x, mask) - plain.reconstruct(x, mask)).abs().max() > 1e-2
+
+
+def test_intensity_normalisation_keeps_tiling_exact() -> None:
+    net = randomize(tiny_ae(intensity_shift=-0.5, intensity_scale=0.25)).eval()
+    z, mask = torch.randn(1, 4, 12, 3, 3), labels((48, 12, 12))
+    x = image((48, 16, 12))
+    with torch.no_grad():
+        ref = net.decode(z, mask)
+        ref_mu, _ = net.encode(x, labels((48, 16, 12)))
+    torch.testing.assert_close(tiled_decode(net, z, mask, tile_size=(4, 2, 3)), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(tiled_encode(net, x, labels((48, 16, 12)), tile_size=(18, 8, 8))[0], ref_mu, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shift, scale", [(0.0, 0.0), (0.0, -1.0), (float("nan"), 1.0), (0.0, float("inf"))])
+def test_intensity_normalisation_errors(shift: float, scale: float) -> None:
+    with pytest.raises(GuideGenInputError, match="intensity_scale"):
+        tiny_ae(intensity_shift=shift, intensity_scale=scale)

@@ -297,6 +297,8 @@ class _Decoder(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        # Set by MaskGuidedAutoencoder: the decoder works in its normalised intensity space, the output is CT in [-1, 1].
+        self.output_shift, self.output_scale = 0.0, 1.0
         self.conv_in = _conv(latent_channels, channels[-1], 3)
         # self.levels[i] serves level len(channels) - 1 - i: lowest resolution first.
         self.levels = nn.ModuleList()
@@ -366,6 +368,8 @@ class _Decoder(nn.Module):
         for i in range(1, n):
             h = self.levels[i](h, None if labels is None else labels[n - 1 - i], self.num_classes, run)
         out: Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        if self.output_shift != 0.0 or self.output_scale != 1.0:
+            out = out * self.output_scale + self.output_shift
         return out
 
 
@@ -413,6 +417,13 @@ class MaskGuidedAutoencoder(nn.Module):
         norm_eps: normalisation epsilon.
         use_checkpointing: when gradients are enabled, recompute each residual block in the backward pass
             (non-reentrant ``torch.utils.checkpoint``) to save activation memory at 128³+; results are identical.
+        intensity_shift: the encoder sees ``(x - intensity_shift) / intensity_scale`` and the decoder's output is
+            mapped back by the inverse, so the networks work on CT with zero mean tissue and unit-size contrasts.
+            On the [-1, 1] scale of the full HU range soft tissue sits near -0.5 and 100 HU is 0.05, so without
+            it the output convolution's bias must travel to -0.5 and its weights grow ~20x by small optimiser
+            steps; ``(-0.5, 0.25)`` (0 HU -> 0, 512 HU -> 1) is what the demo recipe uses, ``(0, 1)`` (the
+            default, and the paper's setting) leaves the intensities as they are.
+        intensity_scale: see ``intensity_shift``; must be > 0.
 
     Raises:
         GuideGenInputError: for an inconsistent configuration (see the messages).
@@ -430,8 +441,15 @@ class MaskGuidedAutoencoder(nn.Module):
         norm_num_groups: int = 32,
         norm_eps: float = 1e-6,
         use_checkpointing: bool = False,
+        intensity_shift: float = 0.0,
+        intensity_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(intensity_shift) and math.isfinite(intensity_scale) and intensity_scale > 0):
+            raise GuideGenInputError(
+                f"intensity_shift ({intensity_shift}) must be finite and intensity_scale ({intensity_scale}) finite "
+                "and > 0; (0, 1) leaves the [-1, 1] CT scale unchanged."
+            )
         channels = tuple(int(c) for c in channels)
         if isinstance(num_res_blocks, int):
             num_res_blocks = (num_res_blocks,) * len(channels)
@@ -448,6 +466,8 @@ class MaskGuidedAutoencoder(nn.Module):
         self.latent_channels = latent_channels
         self.norm = norm
         self.use_checkpointing = use_checkpointing
+        self.intensity_shift = float(intensity_shift)
+        self.intensity_scale = float(intensity_scale)
 
         norm_args = (norm, norm_num_groups, norm_eps)
         self.encoder = _Encoder(in_channels, num_classes, channels, num_res_blocks, latent_channels, *norm_args)
@@ -455,6 +475,7 @@ class MaskGuidedAutoencoder(nn.Module):
         self.quant_conv_log_sigma = _conv(latent_channels, latent_channels, 1)
         self.post_quant_conv = _conv(latent_channels, latent_channels, 1)
         self.decoder = _Decoder(latent_channels, num_classes, channels, num_res_blocks, out_channels, *norm_args)
+        self.decoder.output_shift, self.decoder.output_scale = self.intensity_shift, self.intensity_scale
 
     @staticmethod
     def _validate_config(
@@ -709,6 +730,8 @@ class MaskGuidedAutoencoder(nn.Module):
     # ------------------------------------------------------------------ encode / decode
 
     def _encode(self, image: Tensor, labels: list[Tensor] | None) -> tuple[Tensor, Tensor]:
+        if self.intensity_shift != 0.0 or self.intensity_scale != 1.0:
+            image = (image - self.intensity_shift) / self.intensity_scale
         h = self.encoder(image, labels, self._runner())
         z_mu = self.quant_conv_mu(h)
         z_log_var = torch.clamp(self.quant_conv_log_sigma(h), *_LOGVAR_RANGE)
@@ -804,4 +827,7 @@ class MaskGuidedAutoencoder(nn.Module):
         return self._decode(z_mu, labels)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, norm={self.norm!r}, downsample_factor={self.downsample_factor}"
+        return (
+            f"num_classes={self.num_classes}, norm={self.norm!r}, downsample_factor={self.downsample_factor}, "
+            f"intensity_shift={self.intensity_shift}, intensity_scale={self.intensity_scale}"
+        )

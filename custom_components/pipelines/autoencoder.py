@@ -66,6 +66,9 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
         latent_channels=architecture["latent_channels"],
         norm=architecture.get("norm", "voxel"),
         norm_num_groups=architecture.get("norm_num_groups", 32),
+        # model files written before the intensity normalisation existed were trained without it
+        intensity_shift=architecture.get("intensity_shift", 0.0),
+        intensity_scale=architecture.get("intensity_scale", 1.0),
     )
     load_model_weights(model_path, network, CheckpointInfo("autoencoder", class_map.num_classes, class_map.name), "cpu")
     return network.to(device).eval().requires_grad_(False)
