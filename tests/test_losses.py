@@ -359,3 +359,24 @@ def test_adversarial_terms_arguments() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AdversarialTerms(criterion="hinge")
+
+
+def test_clinical_window_l1_formula_and_windows() -> None:
+    from custom_components.data.intensity import CT_WINDOWS, hu_to_unit
+    from custom_components.losses import clinical_window_l1
+
+    target = hu_to_unit(torch.tensor([-1000.0, -500.0, 40.0, 700.0, 2500.0]).reshape(1, 1, 5))
+    assert clinical_window_l1(target, target) == 0
+    # +20 HU at 40 HU lies inside all three windows: 2 * mean|d| / width per window, added up.
+    shifted = hu_to_unit(torch.tensor([-1000.0, -500.0, 60.0, 700.0, 2500.0]).reshape(1, 1, 5))
+    expected = sum(2 * (20 / 5) / (high - low) for low, high in CT_WINDOWS.values())
+    assert float(clinical_window_l1(shifted, target)) == pytest.approx(expected, rel=1e-3)
+    # A change above every window (2500 -> 3000 HU) is not seen, one inside only the lung window is seen by it alone.
+    above = hu_to_unit(torch.tensor([-1000.0, -500.0, 40.0, 700.0, 3000.0]).reshape(1, 1, 5))
+    assert float(clinical_window_l1(above, target)) == 0
+    lung_only = hu_to_unit(torch.tensor([-900.0, -500.0, 40.0, 700.0, 2500.0]).reshape(1, 1, 5))
+    assert float(clinical_window_l1(lung_only, target)) == pytest.approx(2 * (100 / 5) / 1200, rel=1e-3)
+    with pytest.raises(GuideGenInputError, match="shape"):
+        clinical_window_l1(target, target[..., :4])
+    with pytest.raises(GuideGenInputError, match="lo < hi"):
+        clinical_window_l1(target, target, {"bad": (100.0, 100.0)})

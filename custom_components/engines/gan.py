@@ -18,11 +18,14 @@ from monai.utils import convert_to_tensor
 from custom_components.engines.distributed import average_gradients, broadcast_parameters
 from custom_components.engines.iterations import AccumulatingIteration
 from custom_components.errors import GuideGenInputError
-from custom_components.losses import AdversarialTerms, HDRWindow, kl_divergence, sample_frames
+from custom_components.losses import AdversarialTerms, HDRWindow, clinical_window_l1, kl_divergence, sample_frames
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AutoencoderGANIteration", "LOGGED_TERMS", "loss_terms"]
+__all__ = ["AutoencoderGANIteration", "LOGGED_TERMS", "WINDOW_CHOICES", "loss_terms"]
+
+# How the reconstruction is windowed in the L1 of Eq. 8: the paper's random window, the fixed clinical windows, both.
+WINDOW_CHOICES = ("random", "clinical", "clinical+random")
 
 
 class AutoencoderGANIteration(AccumulatingIteration):
@@ -40,6 +43,12 @@ class AutoencoderGANIteration(AccumulatingIteration):
     the L1 and perceptual terms act on the plain intensities (the ablation "without HDR accommodation").
     The discriminators see the plain intensities (not under h), as in the paper.
 
+    Beyond the paper (measured in BENCHMARKS.md, "Autoencoder against baselines"): ``windows="clinical"`` replaces
+    the random window in the L1 by the three fixed clinical windows (:func:`~custom_components.losses.clinical_window_l1`),
+    ``"clinical+random"`` uses both; ``full_range_weight`` adds the plain L1 over the whole range beside the
+    windowed terms, so air/tissue/bone levels are learnt together with the contrast inside each window. The
+    perceptual term keeps the random window.
+
     Args:
         hdr_window: the :class:`~custom_components.losses.HDRWindow` (its k, b belong in the generator optimiser).
         frame_discriminator: 2D PatchDiscriminator on planar slices from all three axes.
@@ -56,6 +65,9 @@ class AutoencoderGANIteration(AccumulatingIteration):
         adversarial_weight: weight of the generator's adversarial term once active.
         adversarial_start: iteration after which the adversarial terms (and discriminator updates) start.
         num_frames: slices per axis fed to the frame discriminator and the perceptual loss.
+        windows: windows of the L1 term with ``hdr=True``: ``"random"`` (paper Eq. 7-8), ``"clinical"`` or
+            ``"clinical+random"`` (see above).
+        full_range_weight: weight of an extra L1 on the plain [-1, 1] intensities (0: paper).
         kwargs: see :class:`AccumulatingIteration` (accumulation, clipping, EMA).
     """
 
@@ -75,12 +87,20 @@ class AutoencoderGANIteration(AccumulatingIteration):
         adversarial_weight: float = 0.1,
         adversarial_start: int = 20000,
         num_frames: int = 3,
+        windows: str = "random",
+        full_range_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         # k and b of the window are optimised with the autoencoder but live outside its DDP wrapper.
         kwargs["synchronized_modules"] = [hdr_window, *kwargs.get("synchronized_modules", ())]
         super().__init__(**kwargs)
-        for name, value in (("perceptual_weight", perceptual_weight), ("kl_weight", kl_weight), ("adversarial_weight", adversarial_weight)):
+        if windows not in WINDOW_CHOICES:
+            raise GuideGenInputError(f"windows = {windows!r} is not one of {WINDOW_CHOICES}")
+        weights = (
+            ("perceptual_weight", perceptual_weight), ("kl_weight", kl_weight), ("adversarial_weight", adversarial_weight),
+            ("full_range_weight", full_range_weight),
+        )  # fmt: skip
+        for name, value in weights:
             if value < 0:
                 raise GuideGenInputError(f"{name} = {value} must be >= 0")
         if perceptual_weight > 0 and perceptual_loss is None:
@@ -103,6 +123,8 @@ class AutoencoderGANIteration(AccumulatingIteration):
         self.adversarial_weight = float(adversarial_weight)
         self.adversarial_start = int(adversarial_start)
         self.num_frames = int(num_frames)
+        self.windows = windows
+        self.full_range_weight = float(full_range_weight)
         self._discriminators_broadcast = False
         self._last: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]] | None = None
 
@@ -127,14 +149,25 @@ class AutoencoderGANIteration(AccumulatingIteration):
         image, mask = self._inputs(engine, batch)
         device_type = image.device.type
         with torch.autocast(device_type=device_type, enabled=bool(engine.amp)):
-            reconstruction, z_mu, z_sigma = engine.network(image, mask)
+            # a mask-free network may be MONAI's AutoencoderKL (benchmark baseline), whose forward takes the image only
+            reconstruction, z_mu, z_sigma = engine.network(image) if mask is None else engine.network(image, mask)
         reconstruction = reconstruction.float()
-        if self.hdr:
+        random_window = self.hdr and (self.windows != "clinical" or self.perceptual_weight > 0)
+        if random_window:
             wc, wr = self.hdr_window.sample_windows(image)
             target_h, recon_h = self.hdr_window(image, wc, wr), self.hdr_window(reconstruction, wc, wr)
         else:
             target_h, recon_h = image, reconstruction
-        reconstruction_loss = (recon_h - target_h).abs().mean()
+        if not self.hdr:
+            reconstruction_loss = (reconstruction - image).abs().mean()
+        else:
+            reconstruction_loss = torch.zeros((), device=image.device)
+            if "random" in self.windows:
+                reconstruction_loss = reconstruction_loss + (recon_h - target_h).abs().mean()
+            if "clinical" in self.windows:
+                reconstruction_loss = reconstruction_loss + clinical_window_l1(reconstruction, image)
+        if self.full_range_weight > 0:
+            reconstruction_loss = reconstruction_loss + self.full_range_weight * (reconstruction - image).abs().mean()
         perceptual = torch.zeros((), device=image.device)
         if self.perceptual_weight > 0:
             real_frames_h, fake_frames_h = sample_frames([target_h, recon_h], self.num_frames)

@@ -8,7 +8,7 @@ from .adversarial import (
     discriminator_min_size,
 )
 from .frames import kl_divergence, sample_frames
-from .hdr_window import HDRWindow
+from .hdr_window import HDRWindow, clinical_window_l1
 from .perceptual import SlicePerceptualLoss, default_vgg_weights_path
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "kl_divergence",
     "sample_frames",
     "HDRWindow",
+    "clinical_window_l1",
     "SlicePerceptualLoss",
     "default_vgg_weights_path",
 ]

@@ -14,14 +14,16 @@ with window centre ``w_c`` and half-width ``w_r`` drawn afresh for every volume 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from custom_components.data.intensity import CT_WINDOWS, hu_to_unit
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["HDRWindow"]
+__all__ = ["HDRWindow", "clinical_window_l1"]
 
 # Half-width used for a constant volume (hi == lo), where the sampled range is empty; any positive value works
 # because x - w_c is then exactly 0 and h(x) = k / 2 + b.
@@ -175,3 +177,43 @@ class HDRWindow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"k={self.scale.item():.4g}, b={self.b.item():.4g}, min_scale={self.min_scale}"
+
+
+def clinical_window_l1(reconstruction: Tensor, target: Tensor, windows_hu: Mapping[str, Sequence[float]] | None = None) -> Tensor:
+    """L1 under each fixed clinical CT window (lung, soft tissue, bone), summed: the windows the CT is read in.
+
+    For a window ``[lo, hi]`` (HU, mapped to the [-1, 1] model scale) the term is
+
+        2 * mean |clamp(x̂, lo, hi) - clamp(x, lo, hi)| / (hi - lo),
+
+    i.e. the L1 of Eq. 8 under the window ``h`` of Eq. 7 with ``w_c, w_r`` set to that window and ``k = 2``
+    (the window mapped onto [-1, 1]); the terms of all windows are added. Beyond the paper: its random window
+    ``w_c ~ U(min, max)`` mostly lands where few voxels are (between the air and tissue modes, or above bone), so
+    most steps teach little; these windows always hold the voxels that matter and their contrast is the one the
+    evaluation (:func:`~custom_components.data.intensity.windowed_psnr`) reads.
+
+    Args:
+        reconstruction: (B, C, *spatial) reconstruction on the [-1, 1] scale.
+        target: the real CT, same shape and scale.
+        windows_hu: ``{name: (lo, hi)}`` in HU; default the clinical windows of
+            :data:`~custom_components.data.intensity.CT_WINDOWS`.
+
+    Returns:
+        A 0-dim tensor.
+
+    Raises:
+        GuideGenInputError: the shapes differ or a window has ``hi <= lo``.
+    """
+    if reconstruction.shape != target.shape:
+        raise GuideGenInputError(
+            f"clinical_window_l1: reconstruction has shape {tuple(reconstruction.shape)} but target "
+            f"{tuple(target.shape)}; they must match"
+        )
+    total = reconstruction.new_zeros(())
+    for name, (low_hu, high_hu) in (windows_hu or CT_WINDOWS).items():
+        if not high_hu > low_hu:
+            raise GuideGenInputError(f"clinical_window_l1: window {name!r} = ({low_hu}, {high_hu}) needs lo < hi")
+        low, high = float(hu_to_unit(torch.tensor(float(low_hu)))), float(hu_to_unit(torch.tensor(float(high_hu))))
+        difference = reconstruction.clamp(low, high) - target.clamp(low, high)
+        total = total + difference.abs().mean() * (2.0 / (high - low))
+    return total
