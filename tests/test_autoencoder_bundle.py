@@ -23,6 +23,8 @@ TINY_ARCHITECTURE = {
     "norm": "voxel",
     "norm_num_groups": 4,
     "use_checkpointing": False,
+    "intensity_shift": -0.5,
+    "intensity_scale": 0.25,
 }
 
 
@@ -41,6 +43,8 @@ def workspace(tmp_path_factory):
         "max_epochs": 1,
         "save_interval": 1,
         "adversarial_start": 0,
+        "mask_input": True,  # the paper's mask pyramid (the demo recipe trains without it)
+        "windows": "clinical+random",
         "architecture": TINY_ARCHITECTURE,
         "discriminator": {"channels": 4, "num_layers_d": 2},
     }
@@ -61,6 +65,7 @@ def test_training_writes_model_and_full_gan_state(trained):
     assert model["info"]["stage"] == "autoencoder" and model["info"]["num_classes"] == 20
     assert model["info"]["architecture"]["channels"] == [8, 16] and model["info"]["mask_input"] is True
     assert model["info"]["hu_range"] == [-1024.0, 3071.0]
+    assert (model["info"]["architecture"]["intensity_shift"], model["info"]["architecture"]["intensity_scale"]) == (-0.5, 0.25)
     state = torch.load(models / "checkpoint_final.pt", weights_only=True)
     for key in ("network", "optimizer", "hdr_window", "frame_discriminator", "volume_discriminator", "discriminator_optimizer", "trainer"):
         assert key in state, key
@@ -151,6 +156,13 @@ def test_paper_config_without_vgg_weights_fails_clearly(workspace, tmp_path):
     assert result.returncode != 0
     assert str(missing) in result.stderr and "perceptual_weight" in result.stderr
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_unknown_window_choice_is_refused(workspace, tmp_path):
+    configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", workspace["override"]]
+    result = run_bundle("training", configs, "--windows", "lung", "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "o"))
+    assert result.returncode != 0 and "windows = 'lung' is not one of" in result.stderr
+    assert not (tmp_path / "m" / "model.pt").exists()
 
 
 def test_mask_free_ablation_trains(workspace, tmp_path):
