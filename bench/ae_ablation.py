@@ -1,16 +1,24 @@
-"""Autoencoder ablation on CPU (paper Tab. 7 analog): PSNR of a held-out real CT in three windows.
+"""Stage II autoencoder against trivial baselines on a held-out real CT, with an ablation over seeds.
 
-Four variants of the stage II autoencoder are trained with the bundle's own command on the same data --
-with/without the random HDR window in the loss (``hdr``) and with/without the mask pyramid (``mask_input``) --
-and each reconstructs a real CT that none of them saw.
+One run, side by side, on the same held-out case:
+
+- ``pool4``: 4x average pooling + trilinear upsampling (64:1 compression, no learning, the floor to beat);
+- ``constant``: the held-out CT's own mean everywhere;
+- ``monai_aekl``: MONAI's stock ``AutoencoderKL`` (equal widths, x4, 4 latent channels, no attention), trained with
+  the bundle's own training command, data, budget and seeds (only ``network_def`` differs);
+- the variants of our autoencoder in :data:`VARIANTS`, each trained with the bundle's command
+  (``train.yaml`` + ``train_cpu.yaml`` + the variant's overrides) for every seed.
 
 Held-out data: ``ct_small.nii.gz`` of the shared TotalSegmentator example is slices 82-111 of the example CT
-``ct.nii.gz``, which the demo data set uses for training. So the training set here is the demo phantoms plus
-the example CT *cut to slices 0-81*, and ``ct_small`` (with its own TotalSegmentator v2 labels) is the test
-case: same patient, different anatomy (upper abdomen vs pelvis), never trained on.
+``ct.nii.gz``. Training uses the demo phantoms plus the example CT *cut to slices 0-81* (what ``guidegen demo-data``
+ships), and ``ct_small`` (with its own TotalSegmentator v2 labels, prepared to 64x64x24) is the test case: same
+patient, different anatomy (upper abdomen with the lung bases vs abdomen-pelvis), never trained on.
 
-Usage (prints one JSON object; results also in <work_dir>/results.json):
-    .venv/bin/python bench/ae_ablation.py --work_dir /tmp/ae_ablation --max_epochs 40
+PSNR is computed per clinical window (lung, soft tissue, bone) with the window width as data range; MAE over the
+volume. Per variant the JSON holds every seed, the median and the spread (max - min).
+
+Usage (prints one JSON object; also written to <work_dir>/results.json; finished runs are reused):
+    .venv/bin/python bench/ae_ablation.py --work_dir /tmp/ae_ablation --max_epochs 60 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -30,105 +39,213 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLE = REPO.parent / "shared" / "data" / "totalsegmentator_example"
-VARIANTS = {
-    "hdr_mask": {"hdr": True, "mask_input": True},
-    "hdr_nomask": {"hdr": True, "mask_input": False},
-    "nohdr_mask": {"hdr": False, "mask_input": True},
-    "nohdr_nomask": {"hdr": False, "mask_input": False},
+TRAIN_CONFIGS = ["bundles/guidegen_autoencoder/configs/train.yaml", "bundles/guidegen_autoencoder/configs/train_cpu.yaml"]
+# Overrides of the bundle's demo training config per variant; "default" is the config as shipped.
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "mask_pyramid": {"mask_input": True},
+    "random_window": {"windows": "random", "full_range_weight": 0.0},
+    "no_intensity_norm": {"architecture#intensity_shift": 0.0, "architecture#intensity_scale": 1.0},
+    "paper": {
+        "mask_input": True, "windows": "random", "full_range_weight": 0.0,
+        "architecture#intensity_shift": 0.0, "architecture#intensity_scale": 1.0,
+    },
+    "monai_aekl": {},  # MONAI's AutoencoderKL in place of ours, see _aekl_config
 }
-HELD_OUT_FIRST_SLICE = 82
+BASELINES = ("pool4", "constant")
+METRICS = ("psnr_lung", "psnr_soft_tissue", "psnr_bone", "mae_hu")
 
 
 def build_data(work_dir: Path, held_out_ct: Path, held_out_seg: Path) -> tuple[Path, Path]:
-    """Training data set (phantoms + example CT without the held-out slices) and the held-out data set."""
+    """The demo training data set (phantoms + the example CT without the held-out slices) and the held-out case."""
     from custom_components.data.demo import build_demo_dataset
-    from custom_components.data.example import example_ct_files
     from custom_components.data.prepare import PrepareSettings, prepare_dataset
 
-    phantoms = work_dir / "phantoms"
-    build_demo_dataset(phantoms, include_example_ct=False)
-    raw = phantoms / "raw"
-    example = example_ct_files()
-    for kind, source in (("images", example["image"]), ("segmentations", example["segmentation"])):
-        image = nib.load(str(source))
-        cut = image.slicer[:, :, :HELD_OUT_FIRST_SLICE]
-        nib.save(cut, str(raw / kind / "example_top.nii.gz"))
-    with open(raw / "records.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    rows = [r for r in rows if r["case_id"] != "example_top"] + [{"case_id": "example_top", "diagnosis": "no abnormality", "tumor_count": "0"}]
-    with open(raw / "records.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    train = work_dir / "train_data"
-    settings = PrepareSettings(mask_size=32, image_size=64, val_fraction=0.0, seed=0, ts_version="v1")
-    report = prepare_dataset(raw / "images", raw / "segmentations", raw / "records.csv", train, raw / "tumors", None, settings, progress=False)
-    if report.failed:
-        raise SystemExit(f"training data failed to prepare: {report.failed}")
-
+    train_datalist = build_demo_dataset(work_dir / "train_data", val_fraction=0.0, progress=False)
     held_raw = work_dir / "held_out_raw"
     for kind, source in (("images", held_out_ct), ("segmentations", held_out_seg)):
         (held_raw / kind).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, held_raw / kind / "ct_small.nii.gz")
-    (held_raw / "records.csv").write_text("case_id,diagnosis,tumor_count\nct_small,no abnormality,0\n")
+    with open(held_raw / "records.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["case_id", "diagnosis", "tumor_count"], ["ct_small", "no abnormality", "0"]])
     held = work_dir / "held_out_data"
-    # 30 slices of 3 mm: z = 24 voxels gives about the training data's z spacing (3.8 mm); x, y = 64 as in training.
+    # 30 slices of 3 mm: z = 24 voxels gives about the training data's z spacing; x, y = 64 as in training.
     settings = PrepareSettings(mask_size=(32, 32, 12), image_size=(64, 64, 24), val_fraction=0.0, ts_version="v2")
     report = prepare_dataset(held_raw / "images", held_raw / "segmentations", held_raw / "records.csv", held, None, None, settings, progress=False)
     if report.failed:
         raise SystemExit(f"held-out case failed to prepare: {report.failed}")
-    return train / "datalist.json", held / "datalist.json"
+    return Path(train_datalist), held / "datalist.json"
 
 
-def run_bundle(args: list[str], log: Path) -> float:
+def _aekl_config(work_dir: Path) -> Path:
+    """A config override putting MONAI's AutoencoderKL (equal widths, no attention, no mask) in ``network_def``."""
+    path = work_dir / "monai_aekl.yaml"
+    path.write_text(
+        "mask_input: false\n"
+        "network_def:\n"
+        "  _target_: monai.networks.nets.AutoencoderKL\n"
+        "  spatial_dims: 3\n  in_channels: 1\n  out_channels: 1\n"
+        "  channels: $@architecture['channels']\n"
+        "  latent_channels: $@architecture['latent_channels']\n"
+        "  num_res_blocks: $@architecture['num_res_blocks']\n"
+        "  norm_num_groups: $@architecture['norm_num_groups']\n"
+        "  attention_levels: [false, false, false]\n"
+        "  with_encoder_nonlocal_attn: false\n  with_decoder_nonlocal_attn: false\n"
+    )
+    return path
+
+
+def train(name: str, seed: int, args: argparse.Namespace, train_datalist: Path) -> tuple[Path, float]:
+    """Train one variant with the bundle's command (skipped when an earlier run of this script finished it)."""
+    folder = args.work_dir / name / f"seed{seed}"
+    model, timing = folder / "models" / "model.pt", folder / "train_seconds.txt"
+    if model.is_file() and timing.is_file():
+        return model, float(timing.read_text())
+    configs = list(TRAIN_CONFIGS) + ([str(_aekl_config(args.work_dir))] if name == "monai_aekl" else [])
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(configs),
+        "--datalist", str(train_datalist), "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
+        "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--resume", "False",
+    ]
+    for key, value in VARIANTS[name].items():
+        command += [f"--{key}", str(value)]
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
-        result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    with open(folder / "train.log", "w") as log:
+        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if result.returncode:
-        raise SystemExit(f"bundle command failed (exit {result.returncode}); see {log}")
-    return time.perf_counter() - start
+        raise SystemExit(f"training {name} seed {seed} failed (exit {result.returncode}); see {folder / 'train.log'}")
+    seconds = time.perf_counter() - start
+    timing.write_text(f"{seconds:.1f}\n")
+    return model, seconds
+
+
+def reconstruct(name: str, model: Path, image_hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The held-out CT through one trained autoencoder (deterministic: the posterior mean), in HU."""
+    import torch
+
+    from custom_components.data.class_map import load_class_map
+    from custom_components.data.intensity import hu_to_unit, unit_to_hu
+    from custom_components.pipelines import AutoencoderPipeline, load_autoencoder
+
+    if name != "monai_aekl":
+        network = load_autoencoder(model, load_class_map())
+        mask = labels if network.num_classes else None
+        return AutoencoderPipeline(network, progress=False).reconstruct(image_hu, mask)
+    from monai.networks.nets import AutoencoderKL
+
+    from custom_components.engines.checkpoints import read_checkpoint_info, read_model_file
+
+    architecture = read_checkpoint_info(model, stage="autoencoder")["architecture"]
+    network = AutoencoderKL(
+        spatial_dims=3, in_channels=1, out_channels=1, channels=architecture["channels"],
+        latent_channels=architecture["latent_channels"], num_res_blocks=architecture["num_res_blocks"],
+        norm_num_groups=architecture["norm_num_groups"], attention_levels=(False,) * len(architecture["channels"]),
+        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+    )  # fmt: skip
+    network.load_state_dict(read_model_file(model)["model"])
+    with torch.no_grad():
+        image = hu_to_unit(torch.from_numpy(image_hu.astype(np.float32)))[None, None]
+        return unit_to_hu(network.reconstruct(image).clamp(-1, 1))[0, 0].numpy()
+
+
+def baseline(name: str, image_hu: np.ndarray) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    if name == "constant":
+        return np.full_like(image_hu, float(image_hu.mean()))
+    volume = torch.from_numpy(image_hu.astype(np.float32))[None, None]
+    pooled = F.avg_pool3d(volume, 4)
+    return F.interpolate(pooled, size=image_hu.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, object]:
+    summary: dict[str, object] = {"seeds": per_seed}
+    for metric in METRICS:
+        values = [run[metric] for run in per_seed.values()]
+        summary[metric] = {
+            "median": round(statistics.median(values), 2), "mean": round(statistics.mean(values), 2),
+            "min": round(min(values), 2), "max": round(max(values), 2), "spread": round(max(values) - min(values), 2),
+        }  # fmt: skip
+    seconds = [run["train_seconds"] for run in per_seed.values() if "train_seconds" in run]
+    if seconds:
+        summary["train_seconds_median"] = round(statistics.median(seconds), 1)
+    return summary
+
+
+def markdown_table(output: dict[str, object]) -> str:
+    """The results as a BENCHMARKS.md table: median [min, max] over seeds per window, and each model's margin over
+    the pooling baseline in its worst window (medians)."""
+    results = output["results"]
+    pool = results["pool4"]
+    rows = [
+        "| model | PSNR lung (−1000…200) | PSNR soft tissue (−160…240) | PSNR bone (−200…1500) | MAE (HU) | worst window vs pool4 | training time (median) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in results.items():
+        if name in BASELINES:
+            cells = [f"{entry[m]:.2f}" for m in METRICS]
+            margin, seconds = "—" if name == "pool4" else f"{min(entry[m] - pool[m] for m in METRICS[:3]):+.2f} dB", "—"
+        else:
+            cells = [f"{entry[m]['median']:.2f} [{entry[m]['min']:.2f}, {entry[m]['max']:.2f}]" for m in METRICS]
+            margin = f"{min(entry[m]['median'] - pool[m] for m in METRICS[:3]):+.2f} dB"
+            seconds = f"{entry.get('train_seconds_median', 0) / 60:.1f} min"
+        rows.append(f"| `{name}` | " + " | ".join(cells) + f" | {margin} | {seconds} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/ae_ablation"))
-    parser.add_argument("--max_epochs", type=int, default=40)
+    parser.add_argument("--max_epochs", type=int, default=60, help="epochs per training run (budget, equal for all)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; >= 3 for a result")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2, help="threads per training run")
     parser.add_argument("--held_out_ct", type=Path, default=SHARED_EXAMPLE / "ct_small.nii.gz")
     parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
+    parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
     args = parser.parse_args()
-    work_dir = args.work_dir.resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    train_datalist, held_datalist = build_data(work_dir, args.held_out_ct, args.held_out_seg)
-    configs = "['bundles/guidegen_autoencoder/configs/train.yaml','bundles/guidegen_autoencoder/configs/train_cpu.yaml']"
-    results: dict[str, dict] = {}
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        flags = VARIANTS[name]
-        folder = work_dir / name
-        timing = folder / "train_seconds.txt"
-        if (folder / "models" / "model.pt").is_file() and timing.is_file():
-            seconds = float(timing.read_text())  # finished in an earlier run of this script
-        else:
-            train_args = [
-                "training", "--config_file", configs, "--datalist", str(train_datalist),
-                "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
-                "--max_epochs", str(args.max_epochs), "--hdr", str(flags["hdr"]), "--mask_input", str(flags["mask_input"]),
-            ]
-            seconds = run_bundle(train_args, folder / "train.log")
-            timing.write_text(f"{seconds:.1f}\n")
-        run_bundle(
-            [
-                "inference", "--config_file", "bundles/guidegen_autoencoder/configs/inference.yaml",
-                "--model_path", str(folder / "models" / "model.pt"), "--datalist", str(held_datalist),
-                "--split", "training", "--output_dir", str(folder / "held_out"), "--progress", "False",
-            ],
-            folder / "inference.log",
-        )
-        summary = json.loads((folder / "held_out" / "metrics.json").read_text())
-        results[name] = {**flags, "train_seconds": round(seconds, 1), **{k: round(v, 2) for k, v in summary["mean"].items()}}
-    output = {"max_epochs": args.max_epochs, "held_out": str(args.held_out_ct), "variants": results}
-    (work_dir / "results.json").write_text(json.dumps(output, indent=1))
+    if args.markdown:
+        print(markdown_table(json.loads((args.work_dir / "results.json").read_text())))
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if unknown or not seeds or args.max_epochs < 1 or args.threads < 1:
+        parser.error(f"unknown variants {unknown}" if unknown else "need >= 1 seed, --max_epochs >= 1, --threads >= 1")
+    for path in (args.held_out_ct, args.held_out_seg):
+        if not path.is_file():
+            parser.error(f"{path} not found: pass --held_out_ct/--held_out_seg")
+    args.work_dir = args.work_dir.resolve()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    from custom_components.data.datalist import load_datalist
+    from custom_components.pipelines import reconstruction_metrics
+
+    train_datalist, held_datalist = build_data(args.work_dir, args.held_out_ct, args.held_out_seg)
+    case = load_datalist(held_datalist, splits=["training"])["training"][0]
+    image_hu = nib.load(case["image"]).get_fdata().astype(np.float32)
+    labels = np.asarray(nib.load(case["label"]).dataobj).astype(np.uint8)
+
+    results: dict[str, object] = {}
+    for name in BASELINES:
+        metrics = reconstruction_metrics(image_hu, baseline(name, image_hu))
+        results[name] = {metric: round(metrics[metric], 2) for metric in METRICS}
+    for name in variants:
+        per_seed: dict[int, dict[str, float]] = {}
+        for seed in seeds:
+            model, seconds = train(name, seed, args, train_datalist)
+            metrics = reconstruction_metrics(image_hu, reconstruct(name, model, image_hu, labels))
+            per_seed[seed] = {**{metric: round(metrics[metric], 2) for metric in METRICS}, "train_seconds": round(seconds, 1)}
+            print(f"[ae_ablation] {name} seed {seed}: {per_seed[seed]}", file=sys.stderr, flush=True)
+        results[name] = summarise(per_seed)
+    output = {
+        "max_epochs": args.max_epochs, "seeds": seeds, "held_out": str(args.held_out_ct),
+        "held_out_shape": list(image_hu.shape), "results": results,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }  # fmt: skip
+    (args.work_dir / "results.json").write_text(json.dumps(output, indent=1))
     print(json.dumps(output, indent=1))
 
 
