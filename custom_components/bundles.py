@@ -103,8 +103,42 @@ def _defined_settings(config_dir: Path) -> set[str]:
     return defined
 
 
+def _input_error_in(error: BaseException | None) -> GuideGenInputError | None:
+    """The :class:`GuideGenInputError` behind an exception (MONAI wraps errors of config expressions in others)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen and not isinstance(error, GuideGenInputError):
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error if isinstance(error, GuideGenInputError) else None
+
+
+def _report_input_errors_plainly() -> None:
+    """Make an uncaught bad-input error end this ``monai.bundle run`` with a message instead of a traceback.
+
+    ``python -m monai.bundle`` lets every exception reach the interpreter, which prints a traceback of MONAI's config
+    machinery around a message that already names the setting and the fix. Other exceptions (bugs) keep their
+    traceback; the exit status stays 1.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "guidegen_plain_input_errors", False):
+        return
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        reason = _input_error_in(error)
+        if reason is None:
+            previous(kind, error, trace)
+        else:
+            print(f"guidegen: error: {reason}", file=sys.stderr)
+
+    hook.guidegen_plain_input_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 def refuse_unknown_overrides() -> None:
     """Stop a ``monai.bundle run`` whose settings include a top-level id that no config of the bundle defines.
+
+    Being the first step of every GuideGen config's ``initialize`` list, it also makes bad input found later in the
+    run (a missing file, a step count the model's schedule does not have) end with a message instead of a traceback.
 
     MONAI adds any ``--name value`` to the config, used or not, so a misspelt setting (``--max_epoch 1`` for
     ``--max_epochs``) is silently ignored and the run goes on with the default. Each GuideGen config calls this
@@ -119,6 +153,7 @@ def refuse_unknown_overrides() -> None:
     if workflow is None:  # a config evaluated outside `monai.bundle run` (nothing was given on a command line)
         logger.debug("refuse_unknown_overrides: not inside a monai.bundle workflow; nothing to check")
         return
+    _report_input_errors_plainly()
     config_dir = Path(workflow.config_root_path)
     defined = _defined_settings(config_dir)
     unknown = [key for key in workflow.parser.get() if key not in defined]

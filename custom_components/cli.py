@@ -1,49 +1,36 @@
 """The ``guidegen`` command line (built with python-fire).
 
 Each command is a plain function whose docstring is its ``--help``. Bad input ends the command with a
-one-paragraph message on stderr and exit status 2 instead of a traceback.
+one-paragraph message on stderr and exit status 2 instead of a traceback, before a model is loaded or a byte
+written: :func:`main` checks the flag names first (fire would run the command and only then report a flag it could
+not use), and each command checks its values before it does any work.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fire
 
+from custom_components.arguments import (
+    CommandFlags,
+    checked_command_line,
+    choice,
+    existing_file,
+    existing_folder,
+    whole_number,
+    writable_folder,
+)
+from custom_components.arguments import switch as _switch
 from custom_components.errors import GuideGenInputError
 
-_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def _switch(value: Any, flag: str) -> bool:
-    """A boolean flag's value from the command line.
-
-    Fire hands ``--flag false`` over as the string "false", which ``bool()`` would read as True; this reads
-    true/false, yes/no, on/off, 1/0 (any case) and refuses anything else.
-
-    Args:
-        value: what fire passed (a bool, an int or a string).
-        flag: the flag's name, for the error message.
-
-    Returns:
-        the flag's truth value.
-
-    Raises:
-        GuideGenInputError: the value is not one of the words above.
-    """
-    if isinstance(value, bool):
-        return value
-    word = str(value).strip().lower()
-    if word in _TRUE_WORDS:
-        return True
-    if word in _FALSE_WORDS:
-        return False
-    raise GuideGenInputError(f"--{flag} {value!r} is not a yes/no value; pass --{flag} true or --{flag} false")
-
+if TYPE_CHECKING:
+    from custom_components.pipelines.generate import GenerationRun
 
 __all__ = ["prepare", "demo_data", "generate", "synthesize", "evaluate", "package", "main"]
 
@@ -110,19 +97,11 @@ def prepare(
     from custom_components.data.class_map import load_class_map
     from custom_components.data.prepare import PrepareSettings, prepare_dataset
 
-    settings = PrepareSettings(
-        mask_size=mask_size,
-        image_size=image_size,
-        body_threshold_hu=float(body_threshold_hu),
-        margin_mm=float(margin_mm),
-        ts_version=str(ts_version),
-        val_fraction=float(val_fraction),
-        seed=int(seed),
-    )
+    settings = PrepareSettings(mask_size=mask_size, image_size=image_size, body_threshold_hu=body_threshold_hu, margin_mm=margin_mm,
+                               ts_version=ts_version, val_fraction=val_fraction, seed=seed)
+    overwrite = _switch(overwrite, "overwrite")
     selected_map = load_class_map(class_map, body_class=_switch(body_class, "body_class"))
-    report = prepare_dataset(
-        images_dir, segmentations_dir, records, output_dir, tumors_dir, selected_map, settings, overwrite=_switch(overwrite, "overwrite")
-    )
+    report = prepare_dataset(images_dir, segmentations_dir, records, output_dir, tumors_dir, selected_map, settings, overwrite=overwrite)
     print(f"prepared {len(report.prepared)}, up to date {len(report.skipped)}, failed {len(report.failed)}", file=sys.stderr)
     for case_id, reason in report.failed.items():
         print(f"  FAILED {case_id}: {reason}", file=sys.stderr)
@@ -169,32 +148,37 @@ def demo_data(
     from custom_components.data.demo import build_demo_dataset
 
     datalist = build_demo_dataset(
-        output_dir,
-        num_phantoms=int(num_phantoms),
+        writable_folder(output_dir),
+        num_phantoms=whole_number(num_phantoms, "num_phantoms", minimum=0),
         mask_size=mask_size,
         image_size=image_size,
         include_example_ct=_switch(include_example_ct, "include_example_ct"),
-        val_fraction=float(val_fraction),
-        seed=int(seed),
+        val_fraction=val_fraction,
+        seed=whole_number(seed, "seed", minimum=0),
         overwrite=_switch(overwrite, "overwrite"),
     )
     print(f"demo data set ready: {datalist}", file=sys.stderr)
     return str(datalist)
 
 
-def _prepare_generation(
-    prompt: Any, prompts: str | None, record: Any, num_samples: int, seed: int, tcss_steps: int, ldm_steps: int,
-    guidance_scale: float, mask: str | None, output_dir: str, device: str, tcss_model: str | None, ldm_model: str | None,
-    autoencoder_model: str | None, text_encoder_path: str | None, class_map: str | None, decode_tile: int | None,
-    keep_models_loaded: bool = False,
-) -> tuple[Any, ...]:
-    """Shared front of generate/synthesize: every input check that can fail happens here, before anything is written."""
-    keep_models_loaded = _switch(keep_models_loaded, "keep_models_loaded")
-    from custom_components.pipelines.generate import GenerationSettings, check_writable, plan_samples
+def _checked_generation(
+    prompt: str | None, prompts: str | None, record: Any, num_samples: Any, seed: Any, tcss_steps: Any, ldm_steps: Any,
+    guidance_scale: Any, mask: str | None, output_dir: str, device: str, tcss_model: str | None, ldm_model: str | None,
+    autoencoder_model: str | None, text_encoder_path: str | None, class_map: str | None, decode_tile: Any,
+    keep_models_loaded: Any,
+) -> GenerationRun:
+    """Shared front of generate/synthesize: the settings, the requests and :func:`check_generation` (every check of
+    the input), before any model is loaded or anything written.
 
+    Returns:
+        the :class:`~custom_components.pipelines.generate.GenerationRun`.
+    """
     from custom_components.data.class_map import load_class_map
     from custom_components.data.requests import load_requests
+    from custom_components.pipelines.generate import GenerationSettings, check_generation
 
+    settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
+                                  guidance_scale=guidance_scale, mask_file=str(Path(mask).resolve()) if mask else None)
     requests, problems = load_requests(prompt=prompt, prompts_file=prompts, record=record,
                                        class_names=load_class_map(class_map).class_names)
     for problem in problems:
@@ -202,21 +186,24 @@ def _prepare_generation(
     for request in requests:
         if request.given_prompt is not None:
             print(f"guidegen: {request.source}: free text rewritten into the training template: {request.prompt!r}", file=sys.stderr)
-    if mask is not None and not Path(mask).is_file():
-        raise GuideGenInputError(f"--mask {mask} not found; pass a NIfTI label volume made with the models' class map")
-    settings = GenerationSettings(num_samples=int(num_samples), seed=int(seed), tcss_steps=int(tcss_steps), ldm_steps=int(ldm_steps),
-                                  guidance_scale=float(guidance_scale), mask_file=str(Path(mask).resolve()) if mask else None)
-    output = check_writable(output_dir)
     load_kwargs = dict(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
-                       text_encoder_path=text_encoder_path, class_map_path=class_map,
-                       decode_tile=None if decode_tile is None else int(decode_tile), with_tcss=mask is None,
+                       text_encoder_path=text_encoder_path, class_map_path=class_map, decode_tile=decode_tile,
                        keep_models_loaded=keep_models_loaded)
-    return requests, problems, settings, output, load_kwargs, plan_samples(requests, settings)
+    return check_generation((requests, problems), settings, output_dir, load_kwargs)
+
+
+def _report_broken_rows(problems: list[str]) -> None:
+    """List the prompt-file rows left out and end with exit status 1 (the other rows were generated)."""
+    if problems:
+        print(f"guidegen: {len(problems)} broken row(s) skipped:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(1)
 
 
 def generate(
     *,
-    prompt: Any = None,
+    prompt: str | None = None,
     prompts: str | None = None,
     record: Any = None,
     num_samples: int = 1,
@@ -278,27 +265,22 @@ def generate(
     Returns:
         the run folder.
     """
-    from custom_components.pipelines.generate import run_generation
+    from custom_components.pipelines.generate import execute_generation
 
     overwrite = _switch(overwrite, "overwrite")
-    requests, problems, settings, output, load_kwargs, _ = _prepare_generation(
-        prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
-        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile, keep_models_loaded)
-    report = run_generation((requests, problems), settings, output, load_kwargs, overwrite=overwrite)
-    made, skipped = report["generated"], report["skipped"]
-    print(f"generated {len(made)}, already there {len(skipped)}: {output}", file=sys.stderr)
-    if problems:
-        print(f"guidegen: {len(problems)} broken row(s) skipped:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        sys.exit(1)
-    return str(output)
+    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir,
+                              device, tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile,
+                              keep_models_loaded)
+    report = execute_generation(run, overwrite=overwrite)
+    print(f"generated {len(report['generated'])}, already there {len(report['skipped'])}: {run.output_dir}", file=sys.stderr)
+    _report_broken_rows(run.problems)
+    return str(run.output_dir)
 
 
 def synthesize(
     *,
     prompts: str | None = None,
-    prompt: Any = None,
+    prompt: str | None = None,
     record: Any = None,
     num_samples: int = 1,
     output_format: str = "nnunet",
@@ -320,7 +302,6 @@ def synthesize(
     decode_tile: int | None = None,
     keep_models_loaded: bool = False,
     overwrite: bool = False,
-    **aliases: Any,
 ) -> str:
     """Synthesize a segmentation training set from prompts: an nnU-Net v2 raw dataset or a MONAI datalist.
 
@@ -363,22 +344,20 @@ def synthesize(
     from custom_components.data.class_map import load_class_map
     from custom_components.data.nnunet import check_nnunet_raw_dataset, dataset_folder_name
     from custom_components.engines.distributed import cleanup_distributed, init_distributed
-    from custom_components.pipelines.generate import finish_run, read_given_mask, run_manifest, start_run
+    from custom_components.pipelines.generate import finish_run, run_manifest, start_run
     from custom_components.pipelines.synthesize import FORMATS, run_shard, run_workers, write_synthetic_dataset
 
-    output_format = str(aliases.pop("format", output_format))
-    if aliases:
-        raise GuideGenInputError(f"unknown option(s) {', '.join('--' + k for k in aliases)}; see guidegen synthesize --help")
-    if output_format not in FORMATS:
-        raise GuideGenInputError(f"--format {output_format!r}: choose one of {', '.join(FORMATS)}")
-    if output_format == "nnunet":
-        dataset_folder_name(int(dataset_id), str(dataset_name))
-    classes = load_class_map(class_map)
+    output_format = choice(output_format, "format", FORMATS)
+    dataset_folder_name(dataset_id, dataset_name)  # checked with --format monai too: every argument is, before any work
+    dataset_id = int(dataset_id)
+    num_workers = whole_number(num_workers, "num_workers", minimum=1)
     overwrite = _switch(overwrite, "overwrite")
-    requests, problems, settings, output, load_kwargs, plan = _prepare_generation(
-        prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir, device,
-        tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile, keep_models_loaded)
-    samples_dir = str(output / "samples")
+    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir,
+                              device, tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile,
+                              keep_models_loaded)
+    classes = load_class_map(class_map)
+    settings, plan, load_kwargs = run.settings, run.plan, run.load_kwargs
+    samples_dir = str(run.output_dir / "samples")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     rank = int(os.environ.get("RANK", "0"))
@@ -394,24 +373,23 @@ def synthesize(
         if rank == 0:
             from custom_components.pipelines.text_to_pair import load_text_to_pair
 
-            # the coordinator loads (and so checks) every model and writes the manifest before any worker starts
+            # the coordinator loads every model and writes the manifest before any worker starts
             pipeline, model_files = load_text_to_pair(**load_kwargs)
-            if settings.mask_file:
-                read_given_mask(settings.mask_file, pipeline)
-            start_run(samples_dir, run_manifest(plan, settings, model_files, {"broken_rows": problems}), overwrite=overwrite)
+            start_run(samples_dir, run_manifest(plan, settings, model_files, {"broken_rows": run.problems}), overwrite=overwrite)
         if distributed:
             dist.barrier()
-            run_shard(rank, world_size, load_kwargs, plan, samples_dir, settings, pipeline=pipeline)
+            run_shard(rank, world_size, load_kwargs, plan, samples_dir, settings, pipeline=pipeline, mask=run.mask,
+                      mask_affine=run.mask_affine)
             dist.barrier()
-        elif int(num_workers) > 1:
+        elif num_workers > 1:
             pipeline = None
-            run_workers(int(num_workers), load_kwargs, plan, samples_dir, settings)
+            run_workers(num_workers, load_kwargs, plan, samples_dir, settings, run.mask, run.mask_affine)
         else:
-            run_shard(0, 1, load_kwargs, plan, samples_dir, settings, pipeline=pipeline)
+            run_shard(0, 1, load_kwargs, plan, samples_dir, settings, pipeline=pipeline, mask=run.mask, mask_affine=run.mask_affine)
         if rank != 0:
             return samples_dir
         finish_run(samples_dir, plan)
-        result = write_synthetic_dataset(output_format, output, plan, samples_dir, classes, int(dataset_id), str(dataset_name))
+        result = write_synthetic_dataset(output_format, run.output_dir, plan, samples_dir, classes, dataset_id, dataset_name)
         if output_format == "nnunet":
             issues = check_nnunet_raw_dataset(result)
             if issues:
@@ -420,11 +398,7 @@ def synthesize(
     finally:
         if distributed:
             cleanup_distributed()
-    if problems:
-        print(f"guidegen: {len(problems)} broken row(s) skipped:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        sys.exit(1)
+    _report_broken_rows(run.problems)
     return str(result)
 
 
@@ -480,14 +454,24 @@ def evaluate(
     Returns:
         the metrics.json path.
     """
-    from custom_components.metrics.evaluate import evaluate_run
+    from custom_components.metrics.evaluate import TS_VERSIONS, evaluate_run
+    from custom_components.metrics.features import MIN_FRAME_SIZE
 
-    output = Path(output_dir) if output_dir else Path(generated) / "evaluation"
+    ts_version = choice(ts_version, "ts_version", TS_VERSIONS)
+    resample, log_to_mlflow = _switch(resample, "resample"), _switch(mlflow, "mlflow")
+    slices_per_axis = whole_number(slices_per_axis, "slices_per_axis", minimum=1)
+    frame_size = whole_number(frame_size, "frame_size", minimum=MIN_FRAME_SIZE)
+    existing_folder(generated, "generated", "the output folder of guidegen generate or synthesize")
+    if reference is not None:
+        existing_file(reference, "reference", "a prepared datalist (guidegen prepare or demo-data), or leave --reference out")
+    if segmentations_dir is not None:
+        existing_folder(segmentations_dir, "segmentations_dir", "the folder of <sample_id>.nii.gz segmentations of the generated CTs")
+    output = writable_folder(output_dir) if output_dir else writable_folder(Path(generated) / "evaluation")
     metrics = evaluate_run(generated, reference, output, split=split, class_map_path=class_map, segmentations_dir=segmentations_dir,
-                           ts_version=str(ts_version), resample=_switch(resample, "resample"),
+                           ts_version=ts_version, resample=resample,
                            weights={"inception": inception_weights, "i3d": i3d_weights, "vgg": vgg_weights},
-                           slices_per_axis=int(slices_per_axis), frame_size=int(frame_size), tracking_uri=tracking_uri,
-                           log_to_mlflow=_switch(mlflow, "mlflow"))
+                           slices_per_axis=slices_per_axis, frame_size=frame_size, tracking_uri=tracking_uri,
+                           log_to_mlflow=log_to_mlflow)
     print((output / "metrics.md").read_text(), file=sys.stderr)
     print(f"evaluation of {metrics['num_generated']} samples written to {output}", file=sys.stderr)
     return str(output / "metrics.json")
@@ -508,6 +492,7 @@ def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
     """
     from custom_components.packaging import ALL_BUNDLES, package_bundles
 
+    output_dir = writable_folder(output_dir)
     if bundles == "all":
         names = list(ALL_BUNDLES)
     else:
@@ -519,13 +504,27 @@ def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
 
 
 COMMANDS = {"prepare": prepare, "demo-data": demo_data, "generate": generate, "synthesize": synthesize, "evaluate": evaluate, "package": package}
+# other accepted spellings of a flag, per command
+ALIASES = {"synthesize": {"format": "output_format"}}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``guidegen`` console script."""
+    """Entry point of the ``guidegen`` console script.
+
+    The flags of a command are checked before fire runs it (see :func:`custom_components.arguments.checked_command_line`);
+    a message instead of a traceback for every :class:`GuideGenInputError`, with exit status 2.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        fire.Fire(COMMANDS, command=argv, name="guidegen")
+        if arguments and arguments[0] in COMMANDS:
+            command = arguments[0]
+            arguments = checked_command_line(command, arguments[1:], CommandFlags.of(COMMANDS[command], ALIASES.get(command)))
+        elif arguments and not arguments[0].startswith("-"):
+            closest = difflib.get_close_matches(arguments[0], list(COMMANDS), n=1)
+            raise GuideGenInputError(f"unknown command {arguments[0]!r}{f' (did you mean {closest[0]}?)' if closest else ''}; "
+                                     f"the commands are {', '.join(COMMANDS)}")
+        fire.Fire(COMMANDS, command=arguments, name="guidegen")
     except GuideGenInputError as err:
         print(f"guidegen: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -304,8 +304,10 @@ def test_duplicate_case_ids(make_dataset):
 
 def test_unknown_class_map_version(make_dataset):
     paths = make_dataset(("a",))
-    with pytest.raises(GuideGenInputError, match="no case could be prepared.*unknown class-map version 'v3'"):
+    # refused for the whole run before any case is read (it used to fail every case one by one)
+    with pytest.raises(GuideGenInputError, match="--ts_version 'v3'.*unknown class-map version 'v3'"):
         _run(paths, settings=PrepareSettings(mask_size=16, image_size=32, ts_version="v3"))
+    assert not paths["output"].exists()
 
 
 def test_ambiguous_version_asks_to_state_it(make_dataset):

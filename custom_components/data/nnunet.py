@@ -18,6 +18,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from custom_components.arguments import whole_number
 from custom_components.data.io import check_same_field_of_view, labels_on_grid, load_nifti, read_volume, save_nifti, write_json
 from custom_components.errors import GuideGenInputError
 
@@ -32,11 +33,12 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     Raises:
         GuideGenInputError: an ID outside 1..999 or a name with characters other than letters, digits, '_' or '-'.
     """
-    if not 1 <= int(dataset_id) <= 999:
-        raise GuideGenInputError(f"nnU-Net dataset id {dataset_id} must be in 1..999")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise GuideGenInputError(f"nnU-Net dataset name '{name}' may only hold letters, digits, '_' and '-'")
-    return f"Dataset{int(dataset_id):03d}_{name}"
+    dataset_id = whole_number(dataset_id, "dataset_id", minimum=1, maximum=999)  # nnU-Net's Dataset<ID:03d>
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise GuideGenInputError(
+            f"--dataset_name {name!r}: an nnU-Net dataset name may only hold letters, digits, '_' and '-'; pass e.g. --dataset_name GuideGen"
+        )
+    return f"Dataset{dataset_id:03d}_{name}"
 
 
 def write_nnunet_dataset(

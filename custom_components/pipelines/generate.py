@@ -15,15 +15,28 @@ A sample is written into ``<output_dir>/.partial/<sample_id>/`` and renamed into
 folder either holds every file or does not exist. Sample ``k`` is seeded with ``seed + k`` and does not depend on the
 other samples: rerunning an interrupted run skips the finished folders and produces the rest exactly as an
 uninterrupted run would have, and any number of processes can split the samples between them.
+
+A process makes a sample only while it holds the sample's claim, an exclusive ``flock`` on
+``<output_dir>/.partial/<sample_id>.claim`` (the file names the process). Processes started separately into one folder
+(two ``guidegen generate`` commands, ``synthesize`` workers) therefore share the samples instead of each making every
+one: a process skips a sample another one is making, and at the end waits for those, making any whose maker stopped.
+The operating system drops the claim of a process that dies, so no stale claim ever blocks a sample.
+
+:func:`check_generation` checks everything about a run that can be wrong in the user's input (prompts, settings, step
+counts against each model file's schedule, the output folder, model files, a given mask) before a network is built
+or a byte written; :func:`run_generation` is that check followed by the run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import socket
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +44,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from custom_components.arguments import existing_folder, real_number, switch, whole_number, writable_folder
 from custom_components.data.io import load_nifti, read_volume, save_nifti, write_json
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.data.requests import GenerationRequest
@@ -38,9 +52,11 @@ from custom_components.errors import GuideGenInputError
 
 __all__ = [
     "SAMPLE_FILES",
+    "GenerationRun",
     "GenerationSettings",
     "PlannedSample",
-    "check_writable",
+    "check_generation",
+    "execute_generation",
     "finish_run",
     "generate_samples",
     "is_finished",
@@ -77,11 +93,12 @@ class GenerationSettings:
     mask_file: str | None = None
 
     def __post_init__(self) -> None:
-        if int(self.num_samples) < 1:
-            raise GuideGenInputError(f"--num_samples {self.num_samples}: generate at least one sample per prompt")
-        for name in ("tcss_steps", "ldm_steps"):
-            if int(getattr(self, name)) < 1:
-                raise GuideGenInputError(f"--{name} {getattr(self, name)}: at least one step is needed")
+        # values arrive as fire or YAML gave them (text, floats): store checked numbers, refuse rather than round
+        object.__setattr__(self, "num_samples", whole_number(self.num_samples, "num_samples", minimum=1))
+        object.__setattr__(self, "seed", whole_number(self.seed, "seed", minimum=0))
+        object.__setattr__(self, "tcss_steps", whole_number(self.tcss_steps, "tcss_steps", minimum=1))
+        object.__setattr__(self, "ldm_steps", whole_number(self.ldm_steps, "ldm_steps", minimum=1))
+        object.__setattr__(self, "guidance_scale", real_number(self.guidance_scale, "guidance_scale"))
 
 
 @dataclass(frozen=True)
@@ -102,23 +119,6 @@ def plan_samples(requests: Sequence[GenerationRequest], settings: GenerationSett
             index = request_index * int(settings.num_samples) + repeat
             plan.append(PlannedSample(index, f"sample_{index:05d}", request, int(settings.seed) + index))
     return plan
-
-
-def check_writable(output_dir: str | os.PathLike) -> Path:
-    """Refuse an output folder that cannot be written, before any work (and without creating anything).
-
-    Raises:
-        GuideGenInputError: the folder (or the nearest existing parent) is not a writable directory.
-    """
-    output_dir = Path(output_dir).absolute()
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise GuideGenInputError(f"--output_dir {output_dir}: {existing} is a file, not a folder; choose another --output_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise GuideGenInputError(f"--output_dir {output_dir}: {existing} is not writable; choose a folder you can write to")
-    return output_dir
 
 
 def run_manifest(
@@ -183,26 +183,144 @@ def start_run(output_dir: str | os.PathLike, manifest: Mapping[str, Any], overwr
                 )
             for sample in previous.get("samples", []):
                 shutil.rmtree(output_dir / str(sample.get("sample_id")), ignore_errors=True)
+            shutil.rmtree(output_dir / _PARTIAL, ignore_errors=True)
     elif overwrite and output_dir.is_dir():
         for folder in output_dir.glob("sample_*"):
             shutil.rmtree(folder, ignore_errors=True)
-    shutil.rmtree(output_dir / _PARTIAL, ignore_errors=True)
+        shutil.rmtree(output_dir / _PARTIAL, ignore_errors=True)
+    # .partial/ is otherwise left alone: another process of this run may be writing a sample there right now (each
+    # sample's leftover from an interrupted run is replaced by whoever claims that sample next)
     write_json(manifest, path)
 
 
-def read_given_mask(path: str | os.PathLike, pipeline: Any) -> tuple[np.ndarray, np.ndarray]:
+def read_given_mask(
+    path: str | os.PathLike, mask_size: Sequence[int], num_classes: int, mask_factor: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a mask for mask-conditioned generation and check it fits the models.
+
+    Labels must be whole numbers, as ``guidegen prepare`` requires of a segmentation: a float mask with 0.5 steps
+    would otherwise be truncated to other classes without a word.
+
+    Args:
+        path: the NIfTI file (``--mask``).
+        mask_size, num_classes, mask_factor: what the latent generator was trained with
+            (see :func:`~custom_components.pipelines.mask_to_ct.check_mask_fits`).
 
     Returns:
         the mask (int64 class indices) and its affine.
 
     Raises:
-        GuideGenInputError: unreadable, not 3D, the wrong size, or labels outside the class map.
+        GuideGenInputError: unreadable, not 3D, non-integer or non-finite labels, the wrong size, or labels outside the
+            class map.
     """
+    from custom_components.pipelines.mask_to_ct import check_mask_fits
+
+    what = f"--mask {path}"
     image = load_nifti(path, "--mask")
-    mask = read_volume(image, f"--mask {path}", dtype=np.int64)
-    pipeline.check_mask(mask, f"--mask {path}")
+    values = read_volume(image, what, dtype=np.float64, check_finite=True)
+    mask = values.astype(np.int64)
+    if not np.array_equal(mask, values):
+        example = float(values[mask != values].flat[0])
+        raise GuideGenInputError(
+            f"{what}: holds non-integer values (e.g. {example:g}); a label map must hold whole numbers (class indices). "
+            "Save it with an integer data type, resampled with nearest-neighbour interpolation"
+        )
+    check_mask_fits(mask, what, mask_size, num_classes, mask_factor)
     return mask, np.asarray(image.affine, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    """A checked generation run, ready to start: nothing has been loaded or written for it yet.
+
+    Attributes:
+        requests: what to generate.
+        problems: broken prompt-file rows left out (one message each).
+        settings: the run's settings.
+        output_dir: the run folder (absolute).
+        load_kwargs: keyword arguments of :func:`~custom_components.pipelines.text_to_pair.load_text_to_pair`.
+        plan: every sample of the run.
+        mask, mask_affine: the given mask (already checked) of a mask-conditioned run, else None.
+    """
+
+    requests: list[GenerationRequest]
+    problems: list[str]
+    settings: GenerationSettings
+    output_dir: Path
+    load_kwargs: dict[str, Any]
+    plan: list[PlannedSample]
+    mask: np.ndarray | None = field(default=None, repr=False)
+    mask_affine: np.ndarray | None = field(default=None, repr=False)
+
+
+def _check_step_counts(settings: GenerationSettings, infos: Mapping[str, Mapping[str, Any]], files: Mapping[str, str]) -> None:
+    """Each diffusion stage's steps must fit the schedule its model file was trained with (the samplers stride it)."""
+    for flag, stage in (("tcss_steps", "tcss"), ("ldm_steps", "ldm")):
+        if stage not in infos:
+            continue  # mask-conditioned runs skip stage 1
+        steps, limit = int(getattr(settings, flag)), int(infos[stage]["num_train_timesteps"])
+        if steps > limit:
+            raise GuideGenInputError(
+                f"--{flag} {steps}: {files[stage]} was trained with a {limit}-step schedule, so --{flag} must be in "
+                f"1..{limit}; pass e.g. --{flag} 50 ({limit} runs every step)"
+            )
+
+
+def check_generation(
+    requests: tuple[Sequence[GenerationRequest], Sequence[str]] | Sequence[GenerationRequest],
+    settings: GenerationSettings,
+    output_dir: str | os.PathLike,
+    load_kwargs: Mapping[str, Any] | None = None,
+) -> GenerationRun:
+    """Check a run's input before anything is built or written: what the user can get wrong is refused here.
+
+    Checks the requests, the output folder, the device, the decode tile, the text encoder folder, the class map, every
+    model file (present, intact, of the right stage: its info entry is read, no network is built), the step counts
+    against each model's training schedule and a given mask (readable, whole-number labels, size, classes).
+    ``guidegen generate``, ``guidegen synthesize`` and the meta-bundle all start with this.
+
+    Args:
+        requests: the requests, or ``(requests, broken-row messages)`` as
+            :func:`~custom_components.data.requests.load_requests` returns them.
+        settings: the run's settings (checked when made).
+        output_dir: the run folder (need not exist).
+        load_kwargs: for :func:`~custom_components.pipelines.text_to_pair.load_text_to_pair` (model files, device ...).
+
+    Returns:
+        the checked run.
+
+    Raises:
+        GuideGenInputError: the first problem found, naming the option or file and the fix.
+    """
+    from custom_components.data.class_map import load_class_map
+    from custom_components.engines.checkpoints import read_checkpoint_info
+    from custom_components.pipelines.text_to_pair import model_files, resolve_device
+
+    problems: Sequence[str] = []
+    if isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[1], list):
+        requests, problems = requests
+    if not requests:
+        raise GuideGenInputError("no prompt to generate from; give at least one prompt")
+    output = writable_folder(output_dir)
+    kwargs = dict(load_kwargs or {})
+    kwargs["with_tcss"] = settings.mask_file is None
+    resolve_device(kwargs.get("device", "auto"))
+    if kwargs.get("decode_tile") is not None:
+        kwargs["decode_tile"] = whole_number(kwargs["decode_tile"], "decode_tile", minimum=1)
+    if kwargs.get("text_encoder_path") is not None:
+        existing_folder(kwargs["text_encoder_path"], "text_encoder_path", "the folder of a saved sentence-transformers model")
+    kwargs["keep_models_loaded"] = switch(kwargs.get("keep_models_loaded", False), "keep_models_loaded")
+    class_map = load_class_map(kwargs.get("class_map_path"))
+    files = model_files(kwargs.get("tcss_model"), kwargs.get("ldm_model"), kwargs.get("autoencoder_model"), kwargs["with_tcss"])
+    infos = {stage: read_checkpoint_info(path, stage=stage) for stage, path in files.items()}
+    _check_step_counts(settings, infos, files)
+    mask = mask_affine = None
+    if settings.mask_file is not None:
+        if not Path(settings.mask_file).is_file():
+            raise GuideGenInputError(f"--mask {settings.mask_file} not found; pass a NIfTI label volume made with the models' class map")
+        ldm_info = infos["ldm"]
+        mask, mask_affine = read_given_mask(settings.mask_file, ldm_info["mask_size"], class_map.num_classes, int(ldm_info["mask_factor"]))
+    return GenerationRun(list(requests), list(problems), settings, output, kwargs, plan_samples(list(requests), settings), mask, mask_affine)
 
 
 def _write_sample(pair: Any, sample: PlannedSample, settings: GenerationSettings, num_classes: int, folder: Path) -> None:
@@ -242,6 +360,56 @@ def is_finished(output_dir: str | os.PathLike, sample_id: str) -> bool:
     return all((folder / name).is_file() for name in SAMPLE_FILES)
 
 
+@contextlib.contextmanager
+def _claim(output_dir: Path, sample_id: str, wait: bool) -> Iterator[bool]:
+    """Hold the claim of one sample (see the module docstring); yields False when another process holds it and not ``wait``.
+
+    ``flock`` rather than an exclusive-create file: the operating system releases it when its process dies, so an
+    interrupted run never leaves a claim that blocks the sample. The claim file is removed once the sample is
+    finished, by whoever holds the claim then (a process that claimed the removed file finds the sample finished).
+    """
+    path = output_dir / _PARTIAL / f"{sample_id}.claim"
+    for attempt in range(5):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            break
+        except FileNotFoundError:  # another process removed an empty .partial/ between mkdir and open
+            if attempt == 4:
+                raise
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())  # who is making it, for a person looking
+        try:
+            yield True
+        finally:
+            if is_finished(output_dir, sample_id):
+                with contextlib.suppress(OSError):
+                    if os.stat(path).st_ino == os.fstat(descriptor).st_ino:  # not a newer claim file of the same sample
+                        os.unlink(path)
+    finally:
+        os.close(descriptor)
+
+
+def _make_sample(pipeline: Any, sample: PlannedSample, output_dir: Path, settings: GenerationSettings,
+                 mask: np.ndarray | None, mask_affine: np.ndarray | None, progress: bool) -> None:
+    """Generate one sample into ``.partial/<id>/`` and rename it into place (the caller holds its claim)."""
+    pair = pipeline(sample.request.prompt, seed=sample.seed, tcss_steps=settings.tcss_steps, ldm_steps=settings.ldm_steps,
+                    guidance_scale=settings.guidance_scale, mask=mask, mask_affine=mask_affine, progress=progress)
+    partial = output_dir / _PARTIAL / sample.sample_id
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+    partial.mkdir(parents=True)
+    _write_sample(pair, sample, settings, pipeline.num_classes, partial)
+    final = output_dir / sample.sample_id
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete folder left by hand
+    os.replace(partial, final)
+
+
 def generate_samples(
     pipeline: Any,
     plan: Iterable[PlannedSample],
@@ -252,7 +420,10 @@ def generate_samples(
     progress: bool = True,
     description: str = "text -> pair",
 ) -> tuple[list[str], list[str]]:
-    """Generate and write the planned samples that are not finished yet.
+    """Generate and write the planned samples that are not finished yet, sharing them with other processes.
+
+    A sample another process is making is skipped at first; once this process has made all it could, it waits for
+    those and makes any whose process stopped without finishing it, so that all planned samples exist on return.
 
     Args:
         pipeline: a :class:`~custom_components.pipelines.text_to_pair.TextToPairPipeline`.
@@ -264,25 +435,29 @@ def generate_samples(
         description: progress bar label.
 
     Returns:
-        the sample ids generated now, and those skipped because they were already finished.
+        the sample ids generated by this process, and those it found made (earlier or by another process).
     """
     output_dir = Path(output_dir)
-    made, skipped = [], []
-    plan = list(plan)
-    for sample in tqdm(plan, desc=description, unit="sample", disable=not progress):
+    made, skipped, busy = [], [], []
+    for sample in tqdm(list(plan), desc=description, unit="sample", disable=not progress):
         if is_finished(output_dir, sample.sample_id):
             skipped.append(sample.sample_id)
             continue
-        pair = pipeline(sample.request.prompt, seed=sample.seed, tcss_steps=settings.tcss_steps, ldm_steps=settings.ldm_steps,
-                        guidance_scale=settings.guidance_scale, mask=mask, mask_affine=mask_affine, progress=progress)
-        partial = output_dir / _PARTIAL / sample.sample_id
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        _write_sample(pair, sample, settings, pipeline.num_classes, partial)
-        final = output_dir / sample.sample_id
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder left by hand
-        os.replace(partial, final)
-        made.append(sample.sample_id)
+        with _claim(output_dir, sample.sample_id, wait=False) as claimed:
+            if not claimed:
+                busy.append(sample)
+            elif is_finished(output_dir, sample.sample_id):  # finished between the check and the claim
+                skipped.append(sample.sample_id)
+            else:
+                _make_sample(pipeline, sample, output_dir, settings, mask, mask_affine, progress)
+                made.append(sample.sample_id)
+    for sample in busy:
+        with _claim(output_dir, sample.sample_id, wait=True):
+            if is_finished(output_dir, sample.sample_id):
+                skipped.append(sample.sample_id)
+            else:  # its process stopped without finishing it
+                _make_sample(pipeline, sample, output_dir, settings, mask, mask_affine, progress)
+                made.append(sample.sample_id)
     return made, skipped
 
 
@@ -299,9 +474,28 @@ def finish_run(output_dir: str | os.PathLike, plan: Sequence[PlannedSample]) -> 
             f"{len(missing)} of {len(plan)} samples are missing in {output_dir} ({', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}); run the same command again to complete them"
         )
-    partial = output_dir / _PARTIAL
-    if partial.is_dir() and not any(partial.iterdir()):
-        partial.rmdir()
+    with contextlib.suppress(OSError):  # not empty: another process of the run is still tidying its claim
+        (output_dir / _PARTIAL).rmdir()
+
+
+def execute_generation(run: GenerationRun, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Carry out a checked run: load the chain, write the manifest, generate the missing samples, check the folder.
+
+    Args:
+        run: from :func:`check_generation`.
+        overwrite: replace an earlier run with other settings.
+        progress: progress bars.
+
+    Returns:
+        ``{"output_dir", "generated": [ids made now], "skipped": [ids already there], "broken_rows": [messages]}``.
+    """
+    from custom_components.pipelines.text_to_pair import load_text_to_pair
+
+    pipeline, files = load_text_to_pair(**run.load_kwargs)
+    start_run(run.output_dir, run_manifest(run.plan, run.settings, files, {"broken_rows": run.problems}), overwrite=overwrite)
+    made, skipped = generate_samples(pipeline, run.plan, run.output_dir, run.settings, run.mask, run.mask_affine, progress=progress)
+    finish_run(run.output_dir, run.plan)
+    return {"output_dir": str(run.output_dir), "generated": made, "skipped": skipped, "broken_rows": run.problems}
 
 
 def run_generation(
@@ -309,13 +503,10 @@ def run_generation(
     settings: GenerationSettings,
     output_dir: str | os.PathLike,
     load_kwargs: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
+    overwrite: Any = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """A whole generation run: check the output folder, load the chain, write the manifest, generate, check.
-
-    Every check that can fail on user input (output folder, model files, a given mask) runs before anything is
-    written. Used by ``guidegen generate`` and by the meta-bundle's ``inference.yaml``.
+    """A whole generation run: :func:`check_generation`, then :func:`execute_generation` (the meta-bundle's ``run``).
 
     Args:
         requests: the requests, or ``(requests, broken-row messages)`` as :func:`~custom_components.data.requests.load_requests`
@@ -323,28 +514,11 @@ def run_generation(
         settings: the run's settings (with ``mask_file`` for mask-conditioned runs).
         output_dir: the run folder.
         load_kwargs: passed to :func:`~custom_components.pipelines.text_to_pair.load_text_to_pair` (model files, device ...).
-        overwrite: replace an earlier run with other settings.
+        overwrite: replace an earlier run with other settings (a yes/no value).
         progress: progress bars.
 
     Returns:
-        ``{"output_dir", "generated": [ids], "skipped": [ids already there], "broken_rows": [messages]}``.
+        see :func:`execute_generation`.
     """
-    from custom_components.pipelines.text_to_pair import load_text_to_pair
-
-    problems: Sequence[str] = []
-    if isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[1], list):
-        requests, problems = requests
-    if not requests:
-        raise GuideGenInputError("no prompt to generate from; give at least one prompt")
-    output = check_writable(output_dir)
-    plan = plan_samples(list(requests), settings)
-    kwargs = dict(load_kwargs or {})
-    kwargs["with_tcss"] = settings.mask_file is None
-    pipeline, model_files = load_text_to_pair(**kwargs)
-    mask = mask_affine = None
-    if settings.mask_file:
-        mask, mask_affine = read_given_mask(settings.mask_file, pipeline)
-    start_run(output, run_manifest(plan, settings, model_files, {"broken_rows": list(problems)}), overwrite=overwrite)
-    made, skipped = generate_samples(pipeline, plan, output, settings, mask, mask_affine, progress=progress)
-    finish_run(output, plan)
-    return {"output_dir": str(output), "generated": made, "skipped": skipped, "broken_rows": list(problems)}
+    overwrite = switch(overwrite, "overwrite")
+    return execute_generation(check_generation(requests, settings, output_dir, load_kwargs), overwrite=overwrite, progress=progress)

@@ -21,7 +21,7 @@ from custom_components.data.io import atomic_write, load_nifti, read_volume, sav
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["MaskToCTPipeline", "check_autoencoder_matches", "ct_affine_for_mask", "generate_cts"]
+__all__ = ["MaskToCTPipeline", "check_autoencoder_matches", "check_mask_fits", "ct_affine_for_mask", "generate_cts"]
 
 
 def check_autoencoder_matches(autoencoder_path: str | os.PathLike, ldm_info: Mapping[str, Any], allow_mismatch: bool = False) -> None:
@@ -39,6 +39,35 @@ def check_autoencoder_matches(autoencoder_path: str | os.PathLike, ldm_info: Map
             f"the autoencoder {autoencoder_path} (sha256 {actual[:12]}...) is not the one the latent generator was trained "
             f"with (sha256 {expected[:12]}...): its latents would decode to noise. Pass the matching --autoencoder_path, "
             "retrain the latent generator on this autoencoder, or set --allow_autoencoder_mismatch true"
+        )
+
+
+def check_mask_fits(mask: np.ndarray, what: str, mask_size: Sequence[int], num_classes: int, mask_factor: int) -> None:
+    """Refuse a mask the latent generator cannot condition on, with a message saying what to do.
+
+    Args:
+        mask: class indices.
+        what: the mask's origin, for the message (e.g. ``--mask mask.nii.gz``).
+        mask_size: the mask size the generator was trained with (its latent grid x ``mask_factor``).
+        num_classes: classes of the class map the models were trained with.
+        mask_factor: how many mask voxels one latent voxel spans per axis.
+
+    Raises:
+        GuideGenInputError: wrong size or labels outside the class map.
+    """
+    mask_size = tuple(int(n) for n in mask_size)
+    if tuple(mask.shape) != mask_size:
+        latent = [n // int(mask_factor) for n in mask_size]
+        raise GuideGenInputError(
+            f"{what}: the mask has size {tuple(mask.shape)} but the latent generator works on a {latent} latent grid "
+            f"x mask_factor {mask_factor} = {list(mask_size)}; resample the mask (nearest neighbour) to "
+            f"{list(mask_size)} over the same field of view"
+        )
+    low, high = int(mask.min()), int(mask.max())
+    if low < 0 or high >= num_classes:
+        raise GuideGenInputError(
+            f"{what}: the mask holds labels {low}..{high} but the class map has {num_classes} classes "
+            f"(0..{num_classes - 1}); use a mask made with the class map the models were trained with"
         )
 
 
@@ -75,25 +104,8 @@ class MaskToCTPipeline:
         self.num_classes = int(num_classes)
 
     def check_mask(self, mask: np.ndarray, what: str) -> None:
-        """Refuse masks the generator cannot condition on, with a message saying what to do.
-
-        Raises:
-            GuideGenInputError: wrong size (not the trained latent grid × mask_factor) or labels outside the class map.
-        """
-        factor = int(self.sampler.network.mask_factor)
-        if tuple(mask.shape) != self.mask_size:
-            latent = [n // factor for n in self.mask_size]
-            raise GuideGenInputError(
-                f"{what}: the mask has size {tuple(mask.shape)} but the latent generator works on a {latent} latent grid "
-                f"x mask_factor {factor} = {list(self.mask_size)}; resample the mask (nearest neighbour) to "
-                f"{list(self.mask_size)} over the same field of view"
-            )
-        low, high = int(mask.min()), int(mask.max())
-        if low < 0 or high >= self.num_classes:
-            raise GuideGenInputError(
-                f"{what}: the mask holds labels {low}..{high} but the class map has {self.num_classes} classes "
-                f"(0..{self.num_classes - 1}); use a mask made with the class map the models were trained with"
-            )
+        """See :func:`check_mask_fits` (this generator's mask size, mask factor and class count)."""
+        check_mask_fits(mask, what, self.mask_size, self.num_classes, int(self.sampler.network.mask_factor))
 
     def __call__(
         self,

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from custom_components.data.io import write_json
@@ -42,11 +43,15 @@ def run_shard(
     num_threads: int | None = None,
     progress: bool = True,
     pipeline: Any | None = None,
+    mask: np.ndarray | None = None,
+    mask_affine: np.ndarray | None = None,
 ) -> list[str]:
     """Generate this process's share of the samples (a ``--num_workers`` worker's body).
 
     Args:
         pipeline: the chain, when this process has loaded it already; else built from ``load_kwargs``.
+        mask, mask_affine: the given mask of a mask-conditioned run, as
+            :func:`~custom_components.pipelines.generate.check_generation` read and checked it.
 
     Returns:
         the sample ids this process generated.
@@ -60,11 +65,6 @@ def run_shard(
         return []
     if pipeline is None:
         pipeline, _ = load_text_to_pair(**load_kwargs)
-    mask = mask_affine = None
-    if settings.mask_file:
-        from custom_components.pipelines.generate import read_given_mask
-
-        mask, mask_affine = read_given_mask(settings.mask_file, pipeline)
     made, _ = generate_samples(pipeline, mine, samples_dir, settings, mask, mask_affine, progress=progress,
                                description=f"worker {rank}/{world_size}")
     return made
@@ -80,8 +80,13 @@ def run_workers(
     plan: Sequence[PlannedSample],
     samples_dir: str,
     settings: GenerationSettings,
+    mask: np.ndarray | None = None,
+    mask_affine: np.ndarray | None = None,
 ) -> None:
     """Generate the plan with ``num_workers`` local processes (CPU cores shared out between them).
+
+    Args:
+        mask, mask_affine: the checked given mask of a mask-conditioned run (sent to each worker).
 
     Raises:
         GuideGenInputError: a worker failed (its samples stay missing; rerunning completes them).
@@ -89,7 +94,8 @@ def run_workers(
     threads = max(1, (os.cpu_count() or 1) // int(num_workers))
     context = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
     processes = [
-        context.Process(target=_worker_entry, args=((rank, num_workers, dict(load_kwargs), list(plan), samples_dir, settings, threads, False),))
+        context.Process(target=_worker_entry, args=((rank, num_workers, dict(load_kwargs), list(plan), samples_dir, settings, threads, False, None, mask,
+                                                      mask_affine),))
         for rank in range(int(num_workers))
     ]
     for process in processes:

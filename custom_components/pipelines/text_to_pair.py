@@ -20,7 +20,7 @@ from custom_components.data.io import centred_affine, labels_on_grid
 from custom_components.engines.residency import StageResidency
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["GeneratedPair", "TextToPairPipeline", "load_text_to_pair", "resolve_device"]
+__all__ = ["GeneratedPair", "TextToPairPipeline", "load_text_to_pair", "model_files", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -165,6 +165,28 @@ def _parsed(parser: Any, key: str) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+def model_files(
+    tcss_model: str | os.PathLike | None = None,
+    ldm_model: str | os.PathLike | None = None,
+    autoencoder_model: str | os.PathLike | None = None,
+    with_tcss: bool = True,
+) -> dict[str, str]:
+    """The model file each stage will read (stage -> absolute path), as the stage bundles' inference configs resolve
+    it (a given file, else the bundle's ``models/model.pt``); nothing is read.
+
+    Args:
+        tcss_model, ldm_model, autoencoder_model: model files; None: each bundle's default.
+        with_tcss: include stage 1 (False for mask-conditioned runs).
+    """
+    from custom_components.bundles import bundle_config
+
+    ldm = bundle_config("guidegen_ldm", overrides={"model_path": ldm_model, "autoencoder_path": autoencoder_model})
+    files = {"ldm": os.path.abspath(_parsed(ldm, "model_path")), "autoencoder": os.path.abspath(_parsed(ldm, "autoencoder_path"))}
+    if with_tcss:
+        files["tcss"] = os.path.abspath(_parsed(bundle_config("guidegen_tcss", overrides={"model_path": tcss_model}), "model_path"))
+    return files
 
 
 def load_text_to_pair(
