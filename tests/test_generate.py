@@ -47,9 +47,12 @@ def _models(files: dict[str, Path]) -> list[str]:
     return ["--tcss_model", str(files["tcss"]), "--ldm_model", str(files["ldm"]), "--autoencoder_model", str(files["autoencoder"])]
 
 
-def guidegen(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+def guidegen(*args: str, cwd: Path | None = None, check: bool = False, threads: int | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess; ``threads`` fixes torch's thread count (OMP_NUM_THREADS), which decides the
+    order of floating-point sums and so the last bits of a CT."""
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run([sys.executable, "-m", "custom_components.cli", *args], cwd=cwd or ROOT, capture_output=True,
-                            text=True, timeout=600, stdin=subprocess.DEVNULL)
+                            text=True, timeout=600, stdin=subprocess.DEVNULL, env=env)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -304,9 +307,10 @@ def test_synthesize_nnunet_with_two_workers_passes_nnunets_rules(tiny_models, tm
     meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["numTraining"] == 4 and meta["labels"]["background"] == 0 and meta["labels"]["tumor"] == 19
     assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == [f"sample_{k:05d}.nii.gz" for k in range(4)]
-    # two workers made the same data set one process makes: no sample duplicated, missed or seeded differently
+    # two workers (one thread each on 2 cores) made the same data set one process with one thread makes: no sample
+    # duplicated, missed or seeded differently
     guidegen("generate", "--prompts", str(prompts), "--num_samples", "2", "--output_dir", str(tmp_path / "single"), *STEPS,
-             *_models(tiny_models), cwd=tmp_path, check=True)
+             *_models(tiny_models), cwd=tmp_path, check=True, threads=max(1, (os.cpu_count() or 1) // 2))
     assert _files(out / "samples") == _files(tmp_path / "single")
     # check_nnunet_raw_dataset has teeth: a label value outside dataset.json's labels is caught
     label = dataset / "labelsTr" / "sample_00000.nii.gz"
@@ -345,7 +349,8 @@ def test_synthesize_under_torchrun_splits_the_samples_between_ranks(tiny_models,
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "worker 0/2" in result.stderr and "worker 1/2" in result.stderr
+    # torchrun runs each rank with one thread (OMP_NUM_THREADS=1): so does the single-process reference
     guidegen("generate", "--prompt", PROMPT, "--num_samples", "3", "--output_dir", str(tmp_path / "single"), *STEPS,
-             *_models(tiny_models), cwd=tmp_path, check=True)
+             *_models(tiny_models), cwd=tmp_path, check=True, threads=1)
     assert _files(out / "samples") == _files(tmp_path / "single")
     assert len(json.loads((out / "datalist.json").read_text())["training"]) == 3
