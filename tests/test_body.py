@@ -128,3 +128,26 @@ def test_cli_body_class_switch(make_dataset, tmp_path):
         cli.prepare(images_dir=str(paths["images"]), segmentations_dir=str(paths["segmentations"]),
                     records=str(paths["records"]), output_dir=str(tmp_path / "o"), class_map=str(load_class_map().path),
                     body_class=True)
+
+
+def test_guidegen_body_class_command(tmp_path, capsys):
+    """`guidegen body-class` writes the mask with the body class; a misspelt flag or a missing mask is refused with
+    the fix before anything is written."""
+    from custom_components.cli import main
+
+    labels = np.zeros((30, 30, 10), dtype=np.uint8)
+    labels[8:14, 8:22, :] = LIVER
+    source = _mask_file(tmp_path, labels)
+    main(["body-class", "--mask", str(source), "--output", str(tmp_path / "out" / "with_body.nii.gz"), "--margin_mm", "4"])
+    out = np.asarray(nib.load(str(tmp_path / "out" / "with_body.nii.gz")).dataobj)
+    assert out[6, 15, 5] == BODY and out[10, 15, 5] == LIVER and out[0, 0, 0] == 0
+    for argv, expected in (
+        (["body-class", "--mask", str(source), "--outptu", str(tmp_path / "x.nii.gz")], "did you mean --output"),
+        (["body-class", "--mask", str(tmp_path / "missing.nii.gz"), "--output", str(tmp_path / "x.nii.gz")], "not found"),
+        (["body-class", "--mask", str(source), "--output", str(tmp_path / "x.nii.gz"), "--margin_mm", "-3"], "margin_mm"),
+        (["body-class", "--mask", str(source), "--output", str(tmp_path / "out")], "is a folder"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2 and expected in capsys.readouterr().err
+        assert not (tmp_path / "x.nii.gz").exists()

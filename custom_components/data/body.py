@@ -16,13 +16,12 @@ true``) gives those voxels a class of their own. It is derived, not segmented:
 Only background voxels become body; every other class is left untouched. For a mask file (the path for
 ``generate --mask``)::
 
-    python -m custom_components.data.body --mask my_mask.nii.gz --output my_mask_body.nii.gz [--ct my_ct.nii.gz]
+    guidegen body-class --mask my_mask.nii.gz --output my_mask_body.nii.gz [--ct my_ct.nii.gz]
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -213,18 +212,3 @@ def add_body_class_to_mask_file(
         body = body_from_mask(labels, nib.affines.voxel_sizes(image.affine), margin_mm, axial_axis)
     labels[body & (labels == 0)] = class_map.body_index
     return save_nifti(labels, image.affine, output, np.uint8)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m custom_components.data.body --mask M --output O [--ct CT] [--class_map F] [--margin_mm 30]``."""
-    import fire
-
-    try:
-        fire.Fire(add_body_class_to_mask_file, command=argv, name="python -m custom_components.data.body")
-    except GuideGenInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
