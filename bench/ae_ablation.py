@@ -149,6 +149,34 @@ def reconstruct(name: str, model: Path, image_hu: np.ndarray, labels: np.ndarray
         return unit_to_hu(network.reconstruct(image).clamp(-1, 1))[0, 0].numpy()
 
 
+def checkpoint_metrics(folder: Path, image_hu: np.ndarray, labels: np.ndarray) -> dict[int, dict[str, float]]:
+    """Held-out metrics of every resumable checkpoint (``checkpoint_epoch=<n>.pt``) of one of our training runs.
+
+    The trainer keeps the newest two, so run this while a long training proceeds to follow its course.
+    """
+    import re
+
+    import torch
+
+    from custom_components.data.class_map import load_class_map
+    from custom_components.networks import MaskGuidedAutoencoder
+    from custom_components.pipelines import AutoencoderPipeline, reconstruction_metrics
+
+    found: dict[int, dict[str, float]] = {}
+    for path in sorted(folder.glob("checkpoint_epoch=*.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        info = state["info"]
+        network = MaskGuidedAutoencoder(num_classes=load_class_map().num_classes if info["mask_input"] else 0, **{
+            key: value for key, value in info["architecture"].items() if key != "use_checkpointing"
+        })  # fmt: skip
+        network.load_state_dict(state["network"])
+        mask = labels if network.num_classes else None
+        metrics = reconstruction_metrics(image_hu, AutoencoderPipeline(network.eval(), progress=False).reconstruct(image_hu, mask))
+        epoch = int(re.search(r"epoch=(\d+)", path.name).group(1))
+        found[epoch] = {metric: round(metrics[metric], 2) for metric in METRICS}
+    return found
+
+
 def baseline(name: str, image_hu: np.ndarray) -> np.ndarray:
     import torch
     import torch.nn.functional as F
@@ -205,6 +233,10 @@ def main() -> None:
     parser.add_argument("--held_out_ct", type=Path, default=SHARED_EXAMPLE / "ct_small.nii.gz")
     parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
     parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
+    parser.add_argument(
+        "--checkpoints", action="store_true",
+        help="evaluate the resumable checkpoints present for each variant and seed (a training in progress) and exit",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.markdown:
         print(markdown_table(json.loads((args.work_dir / "results.json").read_text())))
@@ -228,6 +260,13 @@ def main() -> None:
     image_hu = nib.load(case["image"]).get_fdata().astype(np.float32)
     labels = np.asarray(nib.load(case["label"]).dataobj).astype(np.uint8)
 
+    if args.checkpoints:
+        by_run = {
+            f"{name}/seed{seed}": checkpoint_metrics(args.work_dir / name / f"seed{seed}" / "models", image_hu, labels)
+            for name in variants if name != "monai_aekl" for seed in seeds
+        }  # fmt: skip
+        print(json.dumps({"held_out": str(args.held_out_ct), "epochs": by_run}, indent=1))
+        return
     results: dict[str, object] = {}
     for name in BASELINES:
         metrics = reconstruction_metrics(image_hu, baseline(name, image_hu))
