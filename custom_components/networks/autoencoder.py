@@ -282,6 +282,8 @@ class _Decoder(nn.Module):
         norm: ``"voxel"`` or ``"group"``.
         norm_num_groups: GroupNorm groups.
         norm_eps: normalisation epsilon.
+        output_shift: added to the output after scaling (the autoencoder's ``intensity_shift``).
+        output_scale: multiplies the output (the autoencoder's ``intensity_scale``).
     """
 
     def __init__(
@@ -294,11 +296,14 @@ class _Decoder(nn.Module):
         norm: str,
         norm_num_groups: int,
         norm_eps: float,
+        output_shift: float = 0.0,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        # Set by MaskGuidedAutoencoder: the decoder works in its normalised intensity space, the output is CT in [-1, 1].
-        self.output_shift, self.output_scale = 0.0, 1.0
+        # The decoder works in the normalised intensity space; its output is mapped back to CT on [-1, 1] here, in the
+        # tail, which tiled decoding also runs.
+        self.output_shift, self.output_scale = float(output_shift), float(output_scale)
         self.conv_in = _conv(latent_channels, channels[-1], 3)
         # self.levels[i] serves level len(channels) - 1 - i: lowest resolution first.
         self.levels = nn.ModuleList()
@@ -474,8 +479,10 @@ class MaskGuidedAutoencoder(nn.Module):
         self.quant_conv_mu = _conv(latent_channels, latent_channels, 1)
         self.quant_conv_log_sigma = _conv(latent_channels, latent_channels, 1)
         self.post_quant_conv = _conv(latent_channels, latent_channels, 1)
-        self.decoder = _Decoder(latent_channels, num_classes, channels, num_res_blocks, out_channels, *norm_args)
-        self.decoder.output_shift, self.decoder.output_scale = self.intensity_shift, self.intensity_scale
+        self.decoder = _Decoder(
+            latent_channels, num_classes, channels, num_res_blocks, out_channels, *norm_args,
+            output_shift=self.intensity_shift, output_scale=self.intensity_scale,
+        )  # fmt: skip
 
     @staticmethod
     def _validate_config(
