@@ -105,7 +105,7 @@ def train(name: str, seed: int, args: argparse.Namespace, train_datalist: Path) 
     command = [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(configs),
         "--datalist", str(train_datalist), "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
-        "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--resume", "False",
+        "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--resume", "True",
     ]
     for key, value in VARIANTS[name].items():
         command += [f"--{key}", str(value)]

@@ -25,6 +25,7 @@ from .distributed import (
 )
 from .gan import LOGGED_TERMS, AutoencoderGANIteration, loss_terms
 from .iterations import AccumulatingIteration, LDMIteration, TCSSIteration, make_ema
+from .lr_schedules import LR_SCHEDULES, build_lr_scheduler
 from .trainer import GuideGenTrainer
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "TCSSIteration",
     "LDMIteration",
     "make_ema",
+    "LR_SCHEDULES",
+    "build_lr_scheduler",
     "GuideGenTrainer",
     "ResumeFromLatest",
     "TrainingCheckpointSaver",
