@@ -63,6 +63,19 @@ def test_tumor_in_the_wrong_organ_is_a_location_miss():
     assert result.component_organs == ["kidney"]
 
 
+def test_body_class_is_not_a_tumor_location():
+    """A liver tumor at the liver's edge borders more "body" (unlabelled tissue) than liver: it is still a liver tumor."""
+    class_map = load_class_map(body_class=True)
+    mask = np.full((12, 12, 12), class_map.body_index, dtype=np.uint8)
+    mask[:, :, :3] = 0
+    mask[2:10, 2:5, 3:10] = class_map.index_of("liver")
+    mask[4:7, 4:7, 4:7] = class_map.tumor_index  # one row inside the liver, the rest in body tissue
+    result = tumor_alignment(mask, {"tumor_organ": "liver", "tumor_count": 1}, class_map)
+    assert result.component_organs == ["liver"] and result.location_correct
+    mask[mask == class_map.index_of("liver")] = class_map.body_index
+    assert tumor_alignment(mask, {"tumor_organ": "liver", "tumor_count": 1}, class_map).component_organs == ["background"]
+
+
 def test_wrong_count_and_healthy_records():
     mask, class_map = _mask_with_tumors("liver", [(5, 5, 5)])
     assert not tumor_alignment(mask, {"tumor_organ": "liver", "tumor_count": 3}, class_map).count_correct

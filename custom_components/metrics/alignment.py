@@ -1,8 +1,9 @@
 """Mask–prompt alignment (paper Fig. 3b): does a generated mask hold the tumors its record asks for, where it
 asks for them?
 
-Each connected tumor component is assigned the organ it borders most (the commonest non-background,
-non-tumor class in a one-voxel shell around it). Count accuracy compares the number of components with the number
+Each connected tumor component is assigned the organ it borders most (the commonest class in a one-voxel shell
+around it that is not background, tumor or the class map's derived "body" class: a tumor lies in an organ, and
+unlabelled body tissue, like background, names none). Count accuracy compares the number of components with the number
 of tumors the record's prompt states (:func:`~custom_components.data.prompts.stated_tumor_count`: ``tumor_count``;
 "multiple" = at least two; an organ or a size without a count = one tumor, as the prompt says "a tumor"); location
 accuracy compares each component's organ with ``tumor_organ``.
@@ -74,6 +75,8 @@ def tumor_alignment(mask: np.ndarray, record: Mapping[str, Any], class_map: Clas
         shell = ndimage.binary_dilation(component, structure=np.ones((3, 3, 3))) & ~tumor
         neighbours = np.bincount(mask[shell].ravel(), minlength=class_map.num_classes)
         neighbours[0] = 0
+        if class_map.body_index is not None:
+            neighbours[class_map.body_index] = 0
         organs.append(int(np.argmax(neighbours)) if neighbours.any() else 0)
     expected_count, at_least = stated_tumor_count(record) or (0, False)
     location = None if expected_organ is None or not organs else all(o == expected_organ for o in organs)
