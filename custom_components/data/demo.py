@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from custom_components.data.class_map import load_class_map
 from custom_components.data.example import EXAMPLE_CASE_ID, EXAMPLE_RECORD, HELD_OUT_FIRST_SLICE, example_ct_files
 from custom_components.data.io import atomic_write, save_nifti, write_json
 from custom_components.data.phantom import REFERENCE_FIELD_OF_VIEW_MM, generate_phantom, make_phantom_record
@@ -112,6 +113,7 @@ def build_demo_dataset(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    body_class: bool = False,
 ) -> Path:
     """Write the demo data set (see the module docstring).
 
@@ -125,6 +127,8 @@ def build_demo_dataset(
         seed: seed of phantoms, records and split.
         overwrite: regenerate the phantoms and re-prepare every case.
         progress: show progress bars.
+        body_class: use the shipped body class map (``class_map_body.json``): background inside the body
+            becomes its own class (see :mod:`custom_components.data.body`).
 
     Returns:
         the datalist path.
@@ -153,6 +157,7 @@ def build_demo_dataset(
         raw_dir / "records.csv",
         output_dir,
         tumors_dir=raw_dir / "tumors" if num_phantoms else None,
+        class_map=load_class_map(None, body_class=True) if body_class else None,
         settings=settings,
         overwrite=overwrite,
         progress=progress,
