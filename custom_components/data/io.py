@@ -1,11 +1,13 @@
 """File I/O with checks: NIfTI volumes that are read with clear errors and written atomically.
 
 Writes go to a temporary file in the destination folder and are renamed into place, so a crash or a
-killed process never leaves a half-written file under the final name.
+killed process never leaves a half-written file under the final name. :func:`file_digest` is the package's one
+file-hashing helper (model files, text encoder weights, latent cache and run manifests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +24,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "strip_nifti_suffix",
     "find_nifti",
+    "file_digest",
     "centred_affine",
     "load_nifti",
     "read_volume",
@@ -51,6 +54,24 @@ def find_nifti(folder: Path, stem: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def file_digest(path: str | os.PathLike, hash_type: str = "sha256", chunk_bytes: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes, read in chunks so a large weight file never has to fit in memory.
+
+    Args:
+        path: the file.
+        hash_type: a :func:`hashlib.new` name (sha256, md5, ...).
+        chunk_bytes: bytes read at a time.
+
+    Returns:
+        the lowercase hex digest.
+    """
+    digest = hashlib.new(hash_type)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:

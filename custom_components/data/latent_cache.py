@@ -11,7 +11,6 @@ and stores in its checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,22 +23,13 @@ import numpy as np
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from custom_components.data.io import write_json
+from custom_components.data.io import file_digest, write_json
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["file_sha256", "build_latent_cache", "latent_statistics", "mask_factor"]
+__all__ = ["build_latent_cache", "latent_statistics", "mask_factor"]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _stamp(path: str | os.PathLike) -> list[int]:
@@ -110,7 +100,7 @@ def build_latent_cache(
     manifest_path = cache_dir / MANIFEST
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not distributed or dist.get_rank() == 0:
-        sha = file_sha256(autoencoder_path)
+        sha = file_digest(autoencoder_path)
         manifest = _read_manifest(manifest_path)
         if manifest.get("autoencoder_sha256") != sha:
             if manifest:

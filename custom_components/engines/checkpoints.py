@@ -12,7 +12,6 @@ version of a file (path, size, modification time) in a process.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import zipfile
@@ -137,11 +136,9 @@ def model_file_digest(path: str | os.PathLike, hash_type: str = "md5") -> str:
         raise GuideGenInputError(f"hash type '{hash_type}' is not supported; use one of {sorted(SUPPORTED_HASH_TYPES)}")
     key = (_file_stamp(Path(path)), hash_type)
     if key not in _digests:
-        digest = hashlib.new(hash_type)
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _digests[key] = digest.hexdigest()
+        from custom_components.data.io import file_digest
+
+        _digests[key] = file_digest(path, hash_type)
     return _digests[key]
 
 

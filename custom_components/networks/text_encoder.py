@@ -34,7 +34,6 @@ local folder (``save_pretrained``) and passing that folder as ``model_path``. Lo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from custom_components.data.io import file_digest
 from custom_components.errors import GuideGenInputError
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "TextEncoder",
     "WeightsIntegrityError",
     "default_text_encoder_path",
-    "sha256_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,23 +105,6 @@ def default_text_encoder_path() -> Path:
     return model_dir
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large weight files do not need to fit in memory twice.
-
-    Args:
-        path: the file.
-        chunk_size: bytes read at a time.
-
-    Returns:
-        the lowercase hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify_weights(model_dir: Path, expected_sha256: str) -> None:
     weights = model_dir / WEIGHTS_FILE
     if not weights.is_file():
@@ -130,7 +112,7 @@ def _verify_weights(model_dir: Path, expected_sha256: str) -> None:
             f"expected_sha256 was given but {weights} does not exist: the check needs a single "
             f"'{WEIGHTS_FILE}' file; pass expected_sha256=None to skip it."
         )
-    actual = sha256_file(weights)
+    actual = file_digest(weights)
     if actual != expected_sha256:
         raise WeightsIntegrityError(
             f"text encoder weights {weights} failed the integrity check: sha256 is {actual}, expected "

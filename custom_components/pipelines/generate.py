@@ -133,14 +133,14 @@ def run_manifest(
     import transformers
 
     from custom_components import __version__
-    from custom_components.data.latent_cache import file_sha256
+    from custom_components.data.io import file_digest
 
     return {
         "guidegen_version": __version__,
         "versions": {"torch": torch.__version__, "monai": monai.__version__, "transformers": transformers.__version__,
                      "numpy": np.__version__, "nibabel": nib.__version__},
-        "models": {stage: {"path": path, "sha256": file_sha256(path)} for stage, path in sorted(model_files.items())},
-        "settings": {**settings.__dict__, **({"mask_file_sha256": file_sha256(settings.mask_file)} if settings.mask_file else {})},
+        "models": {stage: {"path": path, "sha256": file_digest(path)} for stage, path in sorted(model_files.items())},
+        "settings": {**settings.__dict__, **({"mask_file_sha256": file_digest(settings.mask_file)} if settings.mask_file else {})},
         **dict(extra or {}),
         "samples": [
             {"sample_id": s.sample_id, "seed": s.seed, "prompt": s.request.prompt, "source": s.request.source,

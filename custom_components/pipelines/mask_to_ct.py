@@ -30,10 +30,10 @@ def check_autoencoder_matches(autoencoder_path: str | os.PathLike, ldm_info: Map
     Raises:
         GuideGenInputError: a different checkpoint, unless ``allow_mismatch``.
     """
-    from custom_components.data.latent_cache import file_sha256
+    from custom_components.data.io import file_digest
 
     expected = ldm_info.get("autoencoder_sha256")
-    actual = file_sha256(autoencoder_path)
+    actual = file_digest(autoencoder_path)
     if expected and actual != expected and not allow_mismatch:
         raise GuideGenInputError(
             f"the autoencoder {autoencoder_path} (sha256 {actual[:12]}...) is not the one the latent generator was trained "

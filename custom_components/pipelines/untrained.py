@@ -63,7 +63,7 @@ def write_untrained_models(
     Returns:
         stage -> model file.
     """
-    from custom_components.data.latent_cache import file_sha256
+    from custom_components.data.io import file_digest
     from custom_components.networks import MaskGuidedAutoencoder, build_latent_denoiser, build_text_conditioned_unet
 
     folder = Path(folder)
@@ -97,6 +97,6 @@ def write_untrained_models(
     files["ldm"] = _save(ldm, {"stage": "ldm", **common, "architecture": arch["ldm"], "mask_encoding": "onehot", "mask_embed_channels": 16,
                                "mask_factor": mask_factor, "mask_size": mask_size, "latent_shape": [latent_channels, *latent_spatial],
                                "scale_factor": 1.0, "scaled_abs_max": 4.0, "num_train_timesteps": num_train_timesteps,
-                               "text_dropout": 0.1, "autoencoder_sha256": file_sha256(files["autoencoder"]),
+                               "text_dropout": 0.1, "autoencoder_sha256": file_digest(files["autoencoder"]),
                                "mask_spacing_mm": list(mask_spacing_mm), "text_encoder": "untrained chain"}, folder / "ldm.pt")
     return files
