@@ -1,4 +1,6 @@
-"""LeadingDDIMScheduler: every step lands on the next listed timestep; with n = T it is MONAI's DDIM."""
+"""Our LeadingDDIMScheduler (custom_components/schedulers/ddim.py): every step lands on the next listed timestep, so
+sampling with the true noise returns the clean sample (with MONAI's layout it does not), in the scheduler alone and in
+the latent generator's sampling loop, which the LDM bundle builds with it; with n = T it is MONAI's DDIM."""
 
 from __future__ import annotations
 
@@ -52,3 +54,92 @@ def test_first_step_avoids_the_vanishing_signal_level() -> None:
     scheduler.set_timesteps(50)
     first = int(scheduler.timesteps[0])
     assert first == 980 and float(scheduler.alphas_cumprod[first]) > 1e-4 > float(scheduler.alphas_cumprod[999])
+
+
+# ----------------------------------------------------------------------------------- sampling with our scheduler
+# With the true noise as the prediction, DDIM (eta = 0) moves z_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε exactly to the same
+# expression at its previous timestep, and the last step returns x_0 -- but only if every listed timestep is the one
+# the previous step landed on. MONAI's own layout labels some samples with a neighbouring timestep, so the same run
+# misses x_0 by far more than float rounding: these tests fail if LeadingDDIMScheduler's layout is lost.
+
+
+def _sample_with_true_noise(scheduler: DDIMScheduler, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 1, 2, 4, 4, 4, generator=generator)
+    scheduler.set_timesteps(steps)
+    level = scheduler.alphas_cumprod[int(scheduler.timesteps[0])]
+    z = level.sqrt() * x0 + (1 - level).sqrt() * noise
+    for t in scheduler.timesteps:
+        z, _ = scheduler.step(noise, int(t), z)
+    return z, x0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear_beta", "scaled_linear_beta"])
+@pytest.mark.parametrize("steps", [1, 7, 50, 333, 999])
+def test_sampling_with_the_true_noise_returns_the_clean_sample(schedule: str, steps: int) -> None:
+    scheduler = LeadingDDIMScheduler(num_train_timesteps=1000, schedule=schedule, clip_sample=False)
+    z, x0 = _sample_with_true_noise(scheduler, steps)
+    torch.testing.assert_close(z, x0, atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear_beta"])
+@pytest.mark.parametrize("steps", [7, 50, 333])
+def test_monais_layout_misses_the_clean_sample(schedule: str, steps: int) -> None:
+    """The control for the test above: the same run with MONAI's timesteps does not reach x_0."""
+    z, x0 = _sample_with_true_noise(DDIMScheduler(num_train_timesteps=1000, schedule=schedule, clip_sample=False), steps)
+    assert float((z - x0).abs().max()) > 1e-2
+
+
+def test_steps_offset_shifts_every_timestep() -> None:
+    plain = LeadingDDIMScheduler(num_train_timesteps=1000, schedule="cosine", clip_sample=False)
+    shifted = LeadingDDIMScheduler(num_train_timesteps=1000, schedule="cosine", clip_sample=False, steps_offset=1)
+    plain.set_timesteps(50)
+    shifted.set_timesteps(50)
+    assert torch.equal(shifted.timesteps, plain.timesteps + 1)
+    assert shifted.timesteps.dtype == torch.long
+
+
+def test_the_latent_sampler_reaches_the_clean_latent_with_our_scheduler() -> None:
+    """The LDM's sampling loop (pipelines/ldm.py) driven by LeadingDDIMScheduler, with a network that predicts the
+    true noise: the sampled latent is x_0 (with MONAI's layout it is not)."""
+    from custom_components.pipelines.ldm import LatentDiffusionSampler
+
+    generator = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 1, 3, 4, 4, 4, generator=generator)
+
+    class TrueNoise(torch.nn.Module):
+        mask_factor = 2
+
+        def forward(self, z: torch.Tensor, t: torch.Tensor, masks: torch.Tensor, **_: object) -> torch.Tensor:
+            return noise.expand_as(z)
+
+    masks = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    results = {}
+    for name, scheduler in (("ours", LeadingDDIMScheduler(1000, schedule="cosine", clip_sample=False)),
+                            ("monai", DDIMScheduler(1000, schedule="cosine", clip_sample=False))):
+        sampler = LatentDiffusionSampler(TrueNoise(), scheduler, text_encoder=None, latent_channels=3)
+        scheduler.set_timesteps(50)
+        level = scheduler.alphas_cumprod[int(scheduler.timesteps[0])]
+        start = level.sqrt() * x0 + (1 - level).sqrt() * noise
+        results[name] = sampler(masks, None, num_inference_steps=50, noise=start, progress=False)
+    torch.testing.assert_close(results["ours"], x0, atol=5e-4, rtol=0)
+    assert float((results["monai"] - x0).abs().max()) > 1e-2
+
+
+def test_the_latent_generator_bundle_samples_with_our_scheduler() -> None:
+    """The shipped inference config builds LeadingDDIMScheduler, so the sampler tested above is the one in use."""
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "bundles/guidegen_ldm/configs/inference.yaml").read_text())
+
+    def targets(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [str(node.get("_target_", ""))] + [t for value in node.values() for t in targets(value)]
+        if isinstance(node, list):
+            return [t for value in node for t in targets(value)]
+        return []
+
+    schedulers = [t for t in targets(config) if "Scheduler" in t]
+    assert schedulers == ["custom_components.schedulers.LeadingDDIMScheduler"], schedulers
