@@ -1,0 +1,261 @@
+"""Mask -> CT on held-out masks: do generated organs get their real intensities? (issue 14, with and without body class)
+
+For each class map (``plain``: GuideGen's 20 classes, where class 0 mixes outside air with all unlabelled tissue;
+``body``: the same plus a derived "body" class, ``guidegen prepare --body_class true``) and each seed, the latent
+generator is trained with the bundle's own command (``train.yaml`` + ``train_cpu.yaml``) on the demo data set built
+with that map, on the latents of one given autoencoder (trained on images only, so it serves both maps). Each trained
+generator then turns held-out masks into CTs with the bundle's own inference command:
+
+* ``ct_small``: slices 82-111 of the example CT (held out of the demo data set) with its TotalSegmentator v2 labels,
+  prepared at the demo's voxel size (64 x 64 x 24 CT, 32 x 32 x 12 mask) and padded along z to the generator's
+  32^3 mask by repeating its end slices (the torso continues); only the real 24 slices are scored;
+* three phantoms made with a seed the training phantoms never used.
+
+Scores per case and class (background and tumor excluded; classes with >= ``--min_voxels`` CT voxels): the median HU of
+the generated CT over the class's voxels against the real CT's median there; an organ "passes" within +-50 HU.
+"Unlabelled body tissue" = the voxels the body class covers (for the plain map: the same derivation applied to the
+held-out case, so both maps are scored on the same voxels); it passes within +-60 HU.
+
+Usage (prints JSON, writes <work_dir>/results.json; --markdown prints the table):
+    .venv/bin/python bench/mask_to_ct.py --work_dir /tmp/mask_to_ct --autoencoder_path AE.pt --seeds 0,1,2 \
+        --maps body,plain --max_epochs 300 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_EXAMPLE = REPO.parent / "shared" / "data" / "totalsegmentator_example"
+TRAIN_CONFIGS = ["bundles/guidegen_ldm/configs/train.yaml", "bundles/guidegen_ldm/configs/train_cpu.yaml"]
+MAPS = ("plain", "body")
+ORGAN_TOLERANCE_HU = 50.0
+BODY_TOLERANCE_HU = 60.0
+HELD_OUT_PHANTOM_SEED = 1000
+SLAB_MASK_SIZE, SLAB_IMAGE_SIZE = (32, 32, 12), (64, 64, 24)
+
+
+def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    tensor = torch.as_tensor(labels.astype(np.float32))[None, None]
+    return F.interpolate(tensor, size=shape, mode="nearest")[0, 0].numpy().astype(np.int64)
+
+
+def _pad_z(path: Path, target: int, out: Path) -> tuple[int, int]:
+    """Pad a volume along z to ``target`` slices by repeating its end slices; returns the real slices' range."""
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj)
+    before = (target - data.shape[2]) // 2
+    after = target - data.shape[2] - before
+    padded = np.pad(data, ((0, 0), (0, 0), (before, after)), mode="edge")
+    affine = image.affine.copy()
+    affine[:3, 3] -= affine[:3, 2] * before
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(padded.astype(data.dtype), affine), str(out))
+    return before, before + data.shape[2]
+
+
+def build_data(work_dir: Path, map_name: str, held_out_ct: Path, held_out_seg: Path) -> tuple[Path, Path]:
+    """The demo training set and the held-out set (slab + unseen phantoms) of one class map."""
+    from custom_components.data.class_map import load_class_map
+    from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.prepare import PrepareSettings, prepare_dataset
+
+    body = map_name == "body"
+    root = work_dir / map_name
+    train = build_demo_dataset(root / "train_data", val_fraction=0.0, progress=False, body_class=body)
+    phantoms = build_demo_dataset(
+        root / "held_out_phantoms", num_phantoms=3, include_example_ct=False, val_fraction=0.0,
+        seed=HELD_OUT_PHANTOM_SEED, progress=False, body_class=body,
+    )  # fmt: skip
+    raw = work_dir / "held_out_raw"
+    for kind, source in (("images", held_out_ct), ("segmentations", held_out_seg)):
+        (raw / kind).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, raw / kind / "ct_small.nii.gz")
+    with open(raw / "records.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["case_id", "diagnosis", "tumor_count"], ["ct_small", "no abnormality", "0"]])
+    slab = root / "held_out_slab"
+    settings = PrepareSettings(mask_size=SLAB_MASK_SIZE, image_size=SLAB_IMAGE_SIZE, val_fraction=0.0, ts_version="v2")
+    report = prepare_dataset(
+        raw / "images", raw / "segmentations", raw / "records.csv", slab,
+        class_map=load_class_map(None, body_class=body), settings=settings, progress=False,
+    )  # fmt: skip
+    if report.failed:
+        raise SystemExit(f"held-out slab failed to prepare: {report.failed}")
+
+    # one held-out datalist: the slab padded to the generator's mask size, then the unseen phantoms
+    train_list = json.loads(Path(train).read_text())
+    mask_size, image_size = train_list["prepare_settings"]["mask_size"], train_list["prepare_settings"]["image_size"]
+    slab_list = json.loads((slab / "datalist.json").read_text())
+    held = root / "held_out"
+    cases = []
+    for item in slab_list["training"]:
+        label_range = _pad_z(slab / item["label"], mask_size[2], held / "labels" / "ct_small.nii.gz")
+        image_range = _pad_z(slab / item["image"], image_size[2], held / "images" / "ct_small.nii.gz")
+        cases.append({**item, "image": "images/ct_small.nii.gz", "label": "labels/ct_small.nii.gz",
+                      "scored_z": list(image_range), "scored_mask_z": list(label_range)})
+    phantom_list = json.loads(Path(phantoms).read_text())
+    for item in phantom_list["training"]:
+        for key in ("image", "label"):
+            target = held / f"{key}s" / f"heldout_{Path(item[key]).name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(phantoms).parent / item[key], target)
+            item = {**item, key: str(target.relative_to(held))}
+        cases.append({**item, "case_id": f"heldout_{item['case_id']}", "scored_z": [0, image_size[2]]})
+    shutil.copyfile(Path(train).parent / "class_map.json", held / "class_map.json")
+    held_list = {**train_list, "name": f"held_out_{map_name}", "training": [], "validation": cases}
+    (held / "datalist.json").write_text(json.dumps(held_list, indent=1))
+    return Path(train), held / "datalist.json"
+
+
+def _run(command: list[str], log: Path, threads: int) -> None:
+    with open(log, "w") as handle:
+        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command[:6])} ... failed (exit {result.returncode}); see {log}")
+
+
+def train_and_generate(map_name: str, seed: int, args: argparse.Namespace, train_list: Path, held_list: Path) -> tuple[Path, float]:
+    """Train one generator (resumable; skipped when done) and generate CTs for the held-out masks."""
+    folder = args.work_dir / map_name / f"seed{seed}"
+    model, timing = folder / "models" / "model.pt", folder / "train_seconds.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (model.is_file() and timing.is_file()):
+        start = time.perf_counter()
+        _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIGS),
+              "--datalist", str(train_list), "--autoencoder_path", str(args.autoencoder_path),
+              "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
+              "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--resume", "True"], folder / "train.log", args.threads)
+        timing.write_text(f"{time.perf_counter() - start:.1f}\n")
+    generated = folder / "generated"
+    if not (generated / "done").is_file():
+        _run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "bundles/guidegen_ldm/configs/inference.yaml",
+              "--model_path", str(model), "--autoencoder_path", str(args.autoencoder_path), "--datalist", str(held_list),
+              "--split", "validation", "--output_dir", str(generated), "--num_inference_steps", str(args.steps),
+              "--seed", str(seed), "--class_map_path", str(held_list.parent / "class_map.json")], folder / "generate.log", args.threads)
+        (generated / "done").write_text("")
+    return generated, float(timing.read_text())
+
+
+def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[str, object]]:
+    """Per held-out case: per organ real vs generated median HU, and the unlabelled body tissue's."""
+    from custom_components.data.body import add_body_class
+    from custom_components.data.class_map import load_class_map
+
+    data = json.loads(held_list.read_text())
+    class_map = load_class_map(held_list.parent / "class_map.json")
+    names = list(class_map.class_names)
+    excluded = {0, class_map.tumor_index, class_map.body_index}
+    out: dict[str, dict[str, object]] = {}
+    for item in data["validation"]:
+        real = np.asarray(nib.load(str(held_list.parent / item["image"])).dataobj, dtype=np.float32)
+        fake = np.asarray(nib.load(str(generated / item["case_id"] / "ct.nii.gz")).dataobj, dtype=np.float32)
+        labels = _nearest(np.asarray(nib.load(str(held_list.parent / item["label"])).dataobj), real.shape)
+        z0, z1 = item["scored_z"]
+        real, fake, labels = real[..., z0:z1], fake[..., z0:z1], labels[..., z0:z1]
+        organs = {}
+        for c in np.unique(labels):
+            if int(c) in excluded or (labels == c).sum() < min_voxels:
+                continue
+            r, g = float(np.median(real[labels == c])), float(np.median(fake[labels == c]))
+            organs[names[int(c)]] = {"real": round(r, 1), "generated": round(g, 1), "error": round(g - r, 1)}
+        if class_map.body_index is not None:
+            body = labels == class_map.body_index
+        else:  # the same derivation as prepare --body_class, on the scored grid
+            body = add_body_class(labels.astype(np.uint8), real, 255) == 255
+        body_error = float(np.median(fake[body]) - np.median(real[body])) if body.sum() >= min_voxels else float("nan")
+        within = [abs(v["error"]) <= ORGAN_TOLERANCE_HU for v in organs.values()]
+        out[item["case_id"]] = {
+            "organs": organs, "organ_pass_fraction": round(float(np.mean(within)), 3) if within else float("nan"),
+            "body_real": round(float(np.median(real[body])), 1) if body.any() else None,
+            "body_error": round(body_error, 1),
+        }
+    return out
+
+
+def summarise(per_seed: dict[int, dict[str, dict[str, object]]]) -> dict[str, object]:
+    cases = sorted({case for seed in per_seed.values() for case in seed})
+    summary: dict[str, object] = {}
+    for case in cases:
+        fractions = [per_seed[s][case]["organ_pass_fraction"] for s in per_seed]
+        body = [abs(per_seed[s][case]["body_error"]) for s in per_seed]
+        summary[case] = {
+            "organ_pass_fraction": {"median": float(np.median(fractions)), "min": float(np.min(fractions)), "max": float(np.max(fractions))},
+            "abs_body_error_hu": {"median": float(np.median(body)), "min": float(np.min(body)), "max": float(np.max(body))},
+        }
+    return summary
+
+
+def markdown(results: dict[str, object]) -> str:
+    lines = [
+        "| class map | held-out case | organs within ±50 HU (median [min, max] over seeds) | abs. error, unlabelled body tissue (HU) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for map_name, entry in results["maps"].items():
+        for case, values in entry["summary"].items():
+            f, b = values["organ_pass_fraction"], values["abs_body_error_hu"]
+            lines.append(f"| {map_name} | {case} | {f['median']:.2f} [{f['min']:.2f}, {f['max']:.2f}] | "
+                         f"{b['median']:.0f} [{b['min']:.0f}, {b['max']:.0f}] |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", type=Path, default=Path("/tmp/mask_to_ct"))
+    parser.add_argument("--autoencoder_path", type=Path, help="an autoencoder trained on images only (mask_input false)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--maps", default="body,plain", help="comma-separated subset of: " + ", ".join(MAPS))
+    parser.add_argument("--max_epochs", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min_voxels", type=int, default=20, help="smallest class (CT voxels) that is scored")
+    parser.add_argument("--held_out_ct", type=Path, default=SHARED_EXAMPLE / "ct_small.nii.gz")
+    parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
+    parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads((args.work_dir / "results.json").read_text())))
+        return
+    maps = [m.strip() for m in args.maps.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if [m for m in maps if m not in MAPS] or not seeds or args.max_epochs < 1 or args.threads < 1 or args.steps < 1:
+        parser.error(f"--maps from {MAPS}, >= 1 seed, --max_epochs/--threads/--steps >= 1")
+    if args.autoencoder_path is None or not args.autoencoder_path.is_file():
+        parser.error(f"--autoencoder_path {args.autoencoder_path}: not a file (train one with bench/ae_ablation.py or scripts/train_demo.sh)")
+    for path in (args.held_out_ct, args.held_out_seg):
+        if not path.is_file():
+            parser.error(f"{path} not found: pass --held_out_ct/--held_out_seg")
+    args.work_dir = args.work_dir.resolve()
+    args.autoencoder_path = args.autoencoder_path.resolve()
+    results_path = args.work_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"maps": {}}
+    for map_name in maps:
+        train_list, held_list = build_data(args.work_dir, map_name, args.held_out_ct, args.held_out_seg)
+        per_seed = {}
+        for seed in seeds:
+            generated, seconds = train_and_generate(map_name, seed, args, train_list, held_list)
+            per_seed[seed] = score(held_list, generated, args.min_voxels)
+            print(f"[mask_to_ct] {map_name} seed {seed} ({seconds:.0f} s): "
+                  + json.dumps({c: (v["organ_pass_fraction"], v["body_error"]) for c, v in per_seed[seed].items()}), file=sys.stderr, flush=True)
+        results["maps"][map_name] = {"per_seed": per_seed, "summary": summarise(per_seed)}
+        results.update({"max_epochs": args.max_epochs, "steps": args.steps, "seeds": seeds,
+                        "autoencoder": str(args.autoencoder_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        results_path.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
