@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from custom_components.data.io import file_digest, write_json
+from custom_components.data.latents import encode_file
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["build_latent_cache", "latent_statistics", "mask_factor"]
@@ -94,8 +95,6 @@ def build_latent_cache(
         ``{"items": [entry + {"latent": path}], "scale_factor": float, "scaled_abs_max": float (largest |value| of
         the scaled latents), "autoencoder_sha256": str, "latent_shape": [C, x, y, z]}``.
     """
-    from custom_components.pipelines.autoencoder import encode_file
-
     cache_dir = Path(cache_dir)
     manifest_path = cache_dir / MANIFEST
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

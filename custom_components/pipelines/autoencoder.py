@@ -2,18 +2,19 @@
 
 The network works on intensities scaled from the full CT range (:data:`~custom_components.data.intensity.HU_MIN`
 .. ``HU_MAX``) to [-1, 1]; this module converts at its edges, pads volumes to a multiple of the network's
-downsampling factor, and encodes/decodes tile by tile (:func:`~custom_components.networks.tiled_encode`,
-:func:`~custom_components.networks.tiled_decode`) so that 256³ and 512³ volumes fit a fixed memory budget.
+downsampling factor, and encodes/decodes slab by slab along the first axis (:func:`~custom_components.networks.stream_encode`,
+:func:`~custom_components.networks.stream_decode`: exact, every voxel computed once) so that 256³ and 512³ volumes fit
+a fixed memory budget.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from custom_components.data.intensity import CT_WINDOWS, HU_MIN, hu_to_unit, unit_to_hu, windowed_psnr
-from custom_components.data.io import atomic_write, check_same_field_of_view, load_nifti, read_volume, save_nifti, write_json
+from custom_components.data.io import load_nifti, read_volume, save_nifti, write_json
+from custom_components.data.latents import decode_file, encode_file, image_affine, latent_affine, read_matching_mask
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.errors import CaseError, GuideGenInputError
-from custom_components.networks import MaskGuidedAutoencoder, tiled_decode, tiled_encode
+from custom_components.networks import MaskGuidedAutoencoder, stream_decode, stream_encode
 
 __all__ = [
     "load_autoencoder",
@@ -75,22 +77,30 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
 
 
 class AutoencoderPipeline:
-    """Encode CTs to latents and decode latents to CTs, in Hounsfield units, tile by tile.
+    """Encode CTs to latents and decode latents to CTs, in Hounsfield units, slab by slab.
+
+    A ``norm="voxel"`` network (the default) streams: it runs along the first axis a slab of rows at a time, keeping
+    only the rows later slabs still need (:mod:`custom_components.networks.streaming`); the result equals the
+    whole-volume pass up to float rounding and memory does not grow with the first axis. A ``norm="group"`` network
+    cannot stream (GroupNorm's statistics span the whole volume): it runs on the whole volume in one pass, with a
+    warning.
 
     Args:
         network: a :class:`~custom_components.networks.MaskGuidedAutoencoder` (weights loaded).
         device: where to run.
-        encode_tile: encoder tile edge in image voxels (rounded down to a multiple of the downsampling factor).
-        decode_tile: decoder tile edge in latent voxels.
-        progress: show progress bars over tiles.
+        encode_tile: encoding slab thickness in image rows (rounded down to a multiple of the downsampling factor,
+            at least one latent row).
+        decode_tile: decoding slab thickness in latent rows (``decode_tile × f`` image rows); 1 keeps a 256³ decode
+            at paper widths under 4 GB on CPU.
+        progress: show progress bars over slabs.
     """
 
     def __init__(
         self,
         network: torch.nn.Module,
         device: torch.device | str = "cpu",
-        encode_tile: int = 128,
-        decode_tile: int = 8,
+        encode_tile: int = 4,
+        decode_tile: int = 1,
         progress: bool = False,
     ) -> None:
         self.network = network.to(device).eval()
@@ -98,11 +108,27 @@ class AutoencoderPipeline:
         self.encode_tile = int(encode_tile)
         self.decode_tile = int(decode_tile)
         self.progress = progress
+        self._warned = False
 
     @property
     def factor(self) -> int:
         """Downsampling factor between image and latent grids."""
         return int(self.network.downsample_factor)
+
+    def _streams(self, what: str) -> bool:
+        """Whether the network streams exactly (``norm="voxel"``); otherwise warn once that it runs untiled."""
+        if getattr(self.network, "norm", "voxel") == "voxel":
+            return True
+        if not self._warned:
+            warnings.warn(
+                f"this autoencoder uses norm={self.network.norm!r}: GroupNorm normalises with statistics of the whole "
+                f"volume, so it cannot {what} slab by slab and runs on the whole volume at once (memory grows with the "
+                "volume: a 256^3 decode at paper widths needs about 52 GiB). Networks with norm='voxel' stream in "
+                "bounded memory.",
+                stacklevel=3,
+            )
+            self._warned = True
+        return False
 
     def _mask(self, mask: torch.Tensor | np.ndarray | None, batch: int) -> torch.Tensor | None:
         if not getattr(self.network, "num_classes", 0):
@@ -132,7 +158,11 @@ class AutoencoderPipeline:
         while image.ndim < 5:
             image = image.unsqueeze(0)
         image = hu_to_unit(image.to(self.device))
-        z_mu, _ = tiled_encode(self.network, image, self._mask(mask, image.shape[0]), tile_size=self.encode_tile, progress=self.progress)
+        mask = self._mask(mask, image.shape[0])
+        if self._streams("encode"):
+            z_mu, _ = stream_encode(self.network, image, mask, slab_rows=self.encode_tile, progress=self.progress)
+        else:
+            z_mu, _ = self.network.encode(image, mask)
         return z_mu
 
     @torch.no_grad()
@@ -147,7 +177,11 @@ class AutoencoderPipeline:
             (B, 1, *latent_size × f) CT in HU on the CPU.
         """
         latent = latent.to(self.device).float()
-        decoded = tiled_decode(self.network, latent, self._mask(mask, latent.shape[0]), tile_size=self.decode_tile, progress=self.progress)
+        mask = self._mask(mask, latent.shape[0])
+        if self._streams("decode"):
+            decoded = stream_decode(self.network, latent, mask, slab_rows=self.decode_tile * self.factor, progress=self.progress)
+        else:
+            decoded = self.network.decode(latent, mask)
         return unit_to_hu(decoded.clamp(-1, 1)).cpu()
 
     def reconstruct(self, image_hu: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -185,65 +219,6 @@ class AutoencoderPipeline:
         # Bring the mask onto the CT grid before padding, so that padding does not shift its field of view.
         on_grid = F.interpolate(torch.as_tensor(mask.astype(np.float32))[None, None], size=shape, mode="nearest")
         return padded, F.pad(on_grid, [v for p in reversed(pad) for v in p])
-
-
-def latent_affine(affine: np.ndarray, factor: int) -> np.ndarray:
-    """Voxel-to-world matrix of the latent grid: each latent voxel covers a block of ``factor``³ image voxels,
-    centred on the block."""
-    result = np.array(affine, dtype=np.float64)
-    result[:3, 3] = nib.affines.apply_affine(affine, [(factor - 1) / 2.0] * 3)
-    result[:3, :3] = affine[:3, :3] * factor
-    return result
-
-
-def image_affine(latent: np.ndarray, factor: int) -> np.ndarray:
-    """Inverse of :func:`latent_affine`: the image grid's matrix from the latent grid's."""
-    result = np.array(latent, dtype=np.float64)
-    result[:3, :3] = latent[:3, :3] / factor
-    result[:3, 3] = latent[:3, 3] - result[:3, :3] @ np.full(3, (factor - 1) / 2.0)
-    return result
-
-
-def _read_mask(path: str | os.PathLike | None, reference: nib.Nifti1Image, what: str) -> np.ndarray | None:
-    if path is None:
-        return None
-    mask_nii = load_nifti(path, f"mask for {what}")
-    check_same_field_of_view(reference, mask_nii, what)
-    return read_volume(mask_nii, f"mask for {what}", dtype=np.int64)
-
-
-def encode_file(
-    pipeline: AutoencoderPipeline, image_path: str | os.PathLike, mask_path: str | os.PathLike | None, output_path: str | os.PathLike
-) -> Path:
-    """Encode a CT NIfTI (HU) to a latent NIfTI (X/f, Y/f, Z/f, C; float32; affine of the latent grid).
-
-    A CT whose edges are not multiples of f is padded with air at the far end first, so the latent covers the
-    padded box and :func:`decode_file` returns the padded grid.
-    """
-    image_nii = load_nifti(image_path, "CT to encode")
-    image = read_volume(image_nii, "CT to encode", check_finite=True)
-    mask = _read_mask(mask_path, image_nii, f"CT {image_path}")
-    padded, mask_tensor = pipeline.pad_to_factor(image, mask)
-    latent = pipeline.encode(padded, mask_tensor)[0].cpu().numpy()
-    latent_image = nib.Nifti1Image(np.moveaxis(latent, 0, -1).astype(np.float32), latent_affine(image_nii.affine, pipeline.factor))
-    return atomic_write(output_path, lambda temporary: nib.save(latent_image, str(temporary)))
-
-
-def decode_file(
-    pipeline: AutoencoderPipeline, latent_path: str | os.PathLike, mask_path: str | os.PathLike | None, output_path: str | os.PathLike
-) -> Path:
-    """Decode a latent NIfTI (from :func:`encode_file` or the latent generator) to a CT NIfTI (int16 HU)."""
-    latent_nii = load_nifti(latent_path, "latent to decode")
-    if latent_nii.ndim != 4:
-        raise GuideGenInputError(f"latent {latent_path} has shape {latent_nii.shape}; expected (X, Y, Z, channels)")
-    latent = torch.as_tensor(np.moveaxis(np.asarray(latent_nii.dataobj, dtype=np.float32), -1, 0))[None]
-    affine = image_affine(latent_nii.affine, pipeline.factor)
-    mask = None
-    if mask_path is not None:
-        grid = nib.Nifti1Image(np.zeros([n * pipeline.factor for n in latent.shape[2:]], np.uint8), affine)
-        mask = _read_mask(mask_path, grid, f"latent {latent_path}")
-    decoded = pipeline.decode(latent, mask)[0, 0].numpy()
-    return save_nifti(np.rint(decoded), affine, output_path, np.int16)
 
 
 def reconstruction_metrics(reference_hu: np.ndarray, reconstruction_hu: np.ndarray, windows: Mapping[str, Sequence[float]] = CT_WINDOWS) -> dict[str, float]:
@@ -301,7 +276,7 @@ def reconstruct_cases(
         try:
             image_nii = load_nifti(item["image"], f"CT of case '{case_id}'")
             image = read_volume(image_nii, f"CT of case '{case_id}'", check_finite=True)
-            mask = _read_mask(item.get("label") or None, image_nii, f"case '{case_id}'")
+            mask = read_matching_mask(item.get("label") or None, image_nii, f"case '{case_id}'")
             reconstruction = pipeline.reconstruct(image, mask)
         except GuideGenInputError as err:
             failed[case_id] = str(CaseError(case_id, str(err)))
