@@ -107,8 +107,22 @@ def test_bad_inputs_raise_clear_errors() -> None:
         module(torch.randn(5, TEXT_DIM))
     with pytest.raises(ValueError, match="text_mask must have shape"):
         module(_text(), torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"no real token for batch item\(s\) \[1\]"):
-        module(_text(), torch.tensor([[True] * 5, [False] * 5]))
+
+
+def test_a_mask_without_real_tokens_is_the_null_prompt() -> None:
+    # Prompt dropout / classifier-free guidance: such an item gets the all-zero contexts of
+    # TextConditionedUNet.null_contexts, the other items are untouched, and nothing is NaN in either pass.
+    module = _module()
+    text = _text(batch=2).requires_grad_(True)
+    mask = torch.tensor([[True] * 5, [False] * 5])
+    mixed = module(text, mask)
+    alone = module(text[:1].detach(), mask[:1])
+    for m, a in zip(mixed, alone):
+        torch.testing.assert_close(m[:1], a, atol=1e-6, rtol=1e-6)
+        assert torch.equal(m[1], torch.zeros_like(m[1]))
+    sum(c.sum() for c in mixed).backward()
+    assert torch.isfinite(text.grad).all() and torch.equal(text.grad[1], torch.zeros_like(text.grad[1]))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
 
 
 def test_bad_constructor_arguments_raise() -> None:

@@ -13,6 +13,12 @@ Every decoder block is pre-norm: self-attention among the queries, cross-attenti
 text tokens (padding tokens masked out), then an MLP; a final LayerNorm follows the last block. The output
 has a fixed number of tokens (N queries) whatever the prompt length, so the U-Net's cross-attention cost
 does not depend on the prompt.
+
+A batch item whose ``text_mask`` marks no real token has no prompt: its contexts are all zero, which is exactly
+the null prompt of :meth:`~custom_components.networks.unet.TextConditionedUNet.null_contexts`. This lets one
+batched forward pass mix conditional and unconditional items (prompt dropout in training, classifier-free
+guidance in sampling; beyond the paper). The text encoder refuses empty prompts, so such a mask only arises
+on purpose.
 """
 
 from __future__ import annotations
@@ -103,9 +109,10 @@ class KnowledgeInjection(nn.Module):
 
         Returns:
             one entry per entry of ``context_dims``: (B, num_queries, context_dims[l]), None where that is None.
+            Items whose ``text_mask`` row has no real token get all-zero contexts (the null prompt).
 
         Raises:
-            ValueError: wrong shapes, or a prompt without any real token.
+            ValueError: wrong shapes.
         """
         if text_features.ndim != 3 or text_features.shape[-1] != self.text_dim:
             raise ValueError(
@@ -113,6 +120,7 @@ class KnowledgeInjection(nn.Module):
                 "KnowledgeInjection.text_dim must equal the text encoder's hidden size."
             )
         padding_mask = None
+        has_prompt = None  # (B, 1, 1) bool where some item has no prompt, else None
         if text_mask is not None:
             if text_mask.shape != text_features.shape[:2]:
                 raise ValueError(
@@ -120,10 +128,12 @@ class KnowledgeInjection(nn.Module):
                     f"got {tuple(text_mask.shape)}."
                 )
             valid = text_mask.to(device=text_features.device).bool()
-            if not bool(valid.any(dim=1).all()):
-                empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
-                # All keys masked would make the cross-attention softmax NaN.
-                raise ValueError(f"text_mask marks no real token for batch item(s) {empty}.")
+            any_token = valid.any(dim=1)
+            if not bool(any_token.all()):
+                # All keys masked would make the cross-attention softmax NaN (in the forward and the backward
+                # pass); such items read every token instead and their contexts are replaced by zeros below.
+                valid = valid | ~any_token[:, None]
+                has_prompt = any_token[:, None, None]
             padding_mask = ~valid  # PyTorch attention masks are True where attention is NOT allowed
 
         memory = self.text_proj(text_features)
@@ -131,7 +141,12 @@ class KnowledgeInjection(nn.Module):
         for layer in self.layers:
             response = layer(response, memory, memory_key_padding_mask=padding_mask)
         response = self.norm(response)
-        return [
+        contexts = [
             None if dim is None else self.context_projs[str(level)](response)
             for level, dim in enumerate(self.context_dims)
         ]
+        if has_prompt is None:
+            return contexts
+        # torch.where rather than a product: nothing of a dropped item (even a non-finite value) leaks through, and
+        # the projections stay in the graph, so every parameter still gets a (zero) gradient, as DDP requires.
+        return [None if c is None else torch.where(has_prompt, c, torch.zeros_like(c)) for c in contexts]
