@@ -20,6 +20,9 @@ the step before 0 is 1, so the step out of t = 0 returns the clean mask. Every p
 shaped (B, N, *spatial) with any number of spatial dimensions and classes along dim 1; timesteps are (B,) long
 tensors (a Python int or 0-dim tensor is broadcast over the batch).
 
+Classifier-free guidance (beyond the paper) replaces f_theta by a log-space mix of the predictions with and without
+the prompt before the mixture is formed; see :meth:`CategoricalDiffusionScheduler.guided_x0_logits`.
+
 The paper's public code evaluates the mixture by building q(x_s | x_t, x_0 = i) for all N candidates i, an
 N x N tensor per voxel. :meth:`CategoricalDiffusionScheduler.model_posterior` evaluates the same sum exactly in
 closed form with O(N V) memory; see its docstring for the derivation.
@@ -27,6 +30,7 @@ closed form with O(N V) memory; see its docstring for the derivation.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -533,6 +537,71 @@ class CategoricalDiffusionScheduler(Scheduler):
     # ------------------------------------------------------------------------------------------------------------
     # sampling
     # ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_guidance_scale(guidance_scale: float) -> float:
+        """Validate a classifier-free guidance scale (see :meth:`guided_x0_logits`).
+
+        Args:
+            guidance_scale: the scale s; a finite real number >= 0 (bools and strings are refused).
+
+        Returns:
+            s as a float.
+
+        Raises:
+            ValueError: naming ``guidance_scale``, when s is not a finite real number >= 0.
+        """
+        scale = None
+        if not isinstance(guidance_scale, (bool, str, bytes)):
+            try:  # ints, floats, numpy scalars, one-element tensors
+                scale = float(guidance_scale)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        if scale is None or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}.")
+        return scale
+
+    def guided_x0_logits(
+        self, cond_logits: torch.Tensor, uncond_logits: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """
+        Classifier-free guidance of the x_0 prediction (beyond the paper): the guided f_theta that the mixture of
+        paper Eq. 6 (:meth:`model_posterior`, :meth:`step`) then uses in place of the conditional one.
+
+        With f_c = softmax(cond_logits) the prediction given the prompt, f_u = softmax(uncond_logits) the
+        prediction given the null prompt and s = ``guidance_scale``, the mixing is done in log space,
+
+            log f_s = log f_u + s (log f_c - log f_u) - log Z,       i.e.   f_s ∝ f_u^(1-s) f_c^s = f_u (f_c / f_u)^s,
+
+        with Z the per-voxel normaliser. By Bayes' rule f_c / f_u ∝ p(text | x_0), so f_s ∝ p(x_0) p(text | x_0)^s:
+        the implicit classifier is sharpened by s, as in Ho & Salimans' guidance (whose ε-space rule
+        ε_u + s (ε_c - ε_u) is the same combination of scores) and VQ-Diffusion's discrete guidance (Tang et al.
+        2022). Log space keeps f_s a valid distribution for every s >= 0, whereas mixing the probabilities
+        themselves, f_u + s (f_c - f_u), turns negative for s > 1 and would need clipping. s = 0 gives f_u, s = 1 gives
+        f_c (callers skip the unconditional pass then, see :class:`~custom_components.pipelines.TCSSPipeline`), s > 1
+        moves mass further towards the classes the prompt favours over the null prompt.
+
+        Args:
+            cond_logits: network logits of x_0 with the prompt, (B, N, *spatial).
+            uncond_logits: network logits of x_0 with the null prompt, same shape.
+            guidance_scale: s >= 0.
+
+        Returns:
+            normalised log-probabilities log f_s, same shape as the inputs, in at least float32 (softmax of them is
+            f_s, so they can be passed to :meth:`step` as its ``x0_logits``).
+
+        Raises:
+            ValueError: bad scale (naming ``guidance_scale``) or shapes.
+        """
+        scale = self.check_guidance_scale(guidance_scale)
+        self._check_tensor(cond_logits, "cond_logits")
+        self._check_tensor(uncond_logits, "uncond_logits")
+        self._check_same_shape(cond_logits, uncond_logits, "cond_logits", "uncond_logits")
+        dtype = _work_dtype(torch.promote_types(cond_logits.dtype, uncond_logits.dtype))
+        # log_softmax first: logits carry an arbitrary per-voxel offset that would otherwise be scaled by s
+        log_u = torch.log_softmax(uncond_logits.to(dtype), dim=1)
+        log_c = torch.log_softmax(cond_logits.to(dtype), dim=1)
+        return torch.log_softmax(log_u + scale * (log_c - log_u), dim=1)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """
