@@ -12,6 +12,7 @@ sampled timesteps).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -134,6 +135,21 @@ class AccumulatingIteration:
 class TCSSIteration(AccumulatingIteration):
     """One TCSS training step (paper Eq. 6): x_0 -> x_t ~ q(x_t|x_0), predict x_0 logits, KL loss.
 
+    Two options beyond the paper, both off at their paper settings (then the loss and the random draws are exactly
+    the paper objective's):
+
+    - **Prompt dropout** (``text_dropout`` p): each sample's prompt is replaced by the null prompt with probability
+      p, so the same network also learns the unconditional x_0 prediction that classifier-free guidance at sampling
+      needs (:meth:`~custom_components.schedulers.CategoricalDiffusionScheduler.guided_x0_logits`). The null prompt
+      is a text mask without any real token, which the knowledge injection turns into all-zero contexts, exactly
+      ``TextConditionedUNet``'s null prompt; it goes through the network's ordinary forward pass, so DDP sees every
+      parameter used.
+    - **Per-voxel class weights** (``tumor_loss_weight``, ``class_loss_weights``): the per-voxel loss at a voxel
+      whose true class is c is multiplied by ``w_c`` before the mean over voxels,
+      ``L = mean_v w_{x_0(v)} KL_v`` (and the same weights on the auxiliary cross-entropy), so only the voxels of
+      up-weighted classes contribute more; the mean is still over all voxels (not divided by the sum of weights).
+      Against the background's dominance of the voxel mean, and the tumor's few voxels.
+
     Args:
         scheduler: a :class:`custom_components.schedulers.CategoricalDiffusionScheduler`.
         text_encoder: frozen prompt encoder returning (features, mask) for a list of prompts.
@@ -142,7 +158,18 @@ class TCSSIteration(AccumulatingIteration):
         aux_ce_weight: weight of an auxiliary cross-entropy between the predicted and the true x_0 (the "hybrid
             loss" of D3PM, Austin et al. 2021). 0 (default) is the paper's pure Eq. 6 objective; a small weight
             speeds up learning in short runs, where the per-voxel KL is a weak signal.
+        text_dropout: probability in [0, 1) of replacing a sample's prompt by the null prompt (0: the paper, no
+            unconditional branch).
+        tumor_loss_weight: weight w > 0 of the loss at voxels whose true class is one of ``tumor_classes`` (1: the
+            paper).
+        tumor_classes: label indices of the tumor classes (the class map's ``tumor_index``); needed when
+            ``tumor_loss_weight`` != 1.
+        class_loss_weights: one weight >= 0 per class (N entries, not all 0), multiplied with the tumor weight;
+            None: all 1 (the paper).
         kwargs: see :class:`AccumulatingIteration`.
+
+    Raises:
+        GuideGenInputError: a setting out of range, named by its config key.
     """
 
     def __init__(
@@ -152,6 +179,10 @@ class TCSSIteration(AccumulatingIteration):
         label_key: str = "label",
         text_key: str = "text",
         aux_ce_weight: float = 0.0,
+        text_dropout: float = 0.0,
+        tumor_loss_weight: float = 1.0,
+        tumor_classes: Sequence[int] = (),
+        class_loss_weights: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -162,6 +193,32 @@ class TCSSIteration(AccumulatingIteration):
         self.text_encoder = text_encoder
         self.label_key = label_key
         self.text_key = text_key
+        self.text_dropout = _probability(text_dropout, "text_dropout")
+        self.class_weights = _voxel_class_weights(
+            scheduler.num_classes, tumor_loss_weight, tumor_classes, class_loss_weights
+        )
+
+    def voxel_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per-voxel loss weights ``w_{x_0}`` of class volume ``labels`` ((B, *spatial) long); None when all are 1."""
+        if self.class_weights is None:
+            return None
+        return self.class_weights.to(labels.device)[labels]
+
+    def drop_prompts(self, text_mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """Replace each sample's prompt by the null prompt with probability ``text_dropout`` (global torch RNG).
+
+        Args:
+            text_mask: (B, L) bool, True on real tokens.
+            batch: B.
+
+        Returns:
+            the text mask with the rows of the dropped samples all False (the input itself when nothing can drop,
+            and no random number is drawn then).
+        """
+        if not self.text_dropout:
+            return text_mask
+        keep = torch.rand(batch, device=text_mask.device) >= self.text_dropout
+        return text_mask.bool() & keep[:, None]
 
     def compute_loss(self, engine: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         device = engine.state.device
@@ -177,12 +234,67 @@ class TCSSIteration(AccumulatingIteration):
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (labels.shape[0],), device=device)
         x_t = self.scheduler.q_sample(x0, timesteps)
         text_features, text_mask = self.text_encoder(list(batch[self.text_key]))
+        if self.text_dropout:
+            if text_mask is None:
+                text_mask = torch.ones(text_features.shape[:2], dtype=torch.bool, device=text_features.device)
+            text_mask = self.drop_prompts(text_mask, labels.shape[0])
         with torch.autocast(device_type=device.type, enabled=bool(engine.amp)):
             logits = engine.network(x_t, timesteps, text_features, text_mask)
-        loss = self.scheduler.kl_loss(x_t, x0, logits.float(), timesteps)
-        if self.aux_ce_weight:
-            loss = loss + self.aux_ce_weight * F.cross_entropy(logits.float(), labels[:, 0])
+        weights = self.voxel_weights(labels[:, 0])
+        if weights is None:  # the paper's loss, computed as before
+            loss = self.scheduler.kl_loss(x_t, x0, logits.float(), timesteps)
+            if self.aux_ce_weight:
+                loss = loss + self.aux_ce_weight * F.cross_entropy(logits.float(), labels[:, 0])
+        else:
+            loss = (weights * self.scheduler.kl_loss(x_t, x0, logits.float(), timesteps, reduction="none")).mean()
+            if self.aux_ce_weight:
+                ce = F.cross_entropy(logits.float(), labels[:, 0], reduction="none")
+                loss = loss + self.aux_ce_weight * (weights * ce).mean()
         return loss, {"timesteps": timesteps.detach()}
+
+
+def _probability(value: float, key: str) -> float:
+    """``value`` as a float in [0, 1), else an error naming the config ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise GuideGenInputError(f"{key} = {value!r} must be a number in [0, 1) (0: the paper, no prompt dropout)")
+    return float(value)
+
+
+def _voxel_class_weights(
+    num_classes: int,
+    tumor_loss_weight: float,
+    tumor_classes: Sequence[int],
+    class_loss_weights: Sequence[float] | None,
+) -> torch.Tensor | None:
+    """The (N,) per-class loss weights of :class:`TCSSIteration`, or None when every weight is 1 (the paper)."""
+    if isinstance(tumor_loss_weight, bool) or not isinstance(tumor_loss_weight, (int, float)) or not (
+        math.isfinite(tumor_loss_weight) and tumor_loss_weight > 0
+    ):
+        raise GuideGenInputError(f"tumor_loss_weight = {tumor_loss_weight!r} must be a finite number > 0 (1: the paper)")
+    tumor_classes = [int(c) for c in tumor_classes]
+    bad = [c for c in tumor_classes if not 0 <= c < num_classes]
+    if bad:
+        raise GuideGenInputError(f"tumor_classes {bad} are not class indices of the {num_classes} classes")
+    if tumor_loss_weight != 1 and not tumor_classes:
+        raise GuideGenInputError(
+            f"tumor_loss_weight = {tumor_loss_weight} needs a tumor class, but the class map names none "
+            "(its 'tumor_class'); set tumor_loss_weight to 1"
+        )
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    if class_loss_weights is not None:
+        values = list(class_loss_weights)
+        if len(values) != num_classes or not all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values
+        ) or not any(values):
+            raise GuideGenInputError(
+                f"class_loss_weights must list {num_classes} finite numbers >= 0 (one per class of the class map, not "
+                f"all 0), or be null (all 1: the paper); got {values!r}"
+            )
+        weights = torch.tensor(values, dtype=torch.float64)
+    weights[tumor_classes] *= float(tumor_loss_weight)
+    if bool((weights == 1).all()):
+        return None
+    return weights.float()
 
 
 class LDMIteration(AccumulatingIteration):
