@@ -28,7 +28,7 @@ stage() {  # stage <name> <bundle> <extra args...>: train one bundle from scratc
   echo "[train_demo] $name: training (log: $LOG_DIR/$bundle.log)" >&2
   "$PYTHON" -m monai.bundle run training \
     --config_file "['bundles/$bundle/configs/train.yaml','bundles/$bundle/configs/train_cpu.yaml']" \
-    --resume false "$@" >"$LOG_DIR/$bundle.log" 2>&1 || {
+    --resume false --datalist demo/datalist.json "$@" >"$LOG_DIR/$bundle.log" 2>&1 || {
       echo "[train_demo] $name failed; the end of its log:" >&2
       tail -n 30 "$LOG_DIR/$bundle.log" >&2
       exit 1

@@ -12,7 +12,8 @@ from custom_components.errors import GuideGenInputError
 from helpers_bundles import run_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = "$custom_components.bundles.refuse_unknown_overrides()"
+# @bundle_root: resolved first, it puts the bundle (and the custom_components shipped in it) on sys.path
+CHECK = "$custom_components.bundles.refuse_unknown_overrides(@bundle_root)"
 
 
 def _configs(bundle: str, *names: str) -> list[str]:

@@ -116,7 +116,7 @@ def _check_item(item: Any, where: str, base: Path, check_files: bool) -> dict[st
 
 
 def load_datalist(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     splits: Sequence[str] = ("training", "validation"),
     class_map: ClassMap | None = None,
     check_files: bool = True,
@@ -137,6 +137,11 @@ def load_datalist(
         GuideGenInputError: unreadable file, missing keys, empty training list, missing files or a class
             count that does not match (each message names the datalist, the entry and the fix).
     """
+    if path is None:  # the bundles' training configs have no default datalist (nothing outside a bundle is assumed)
+        raise GuideGenInputError(
+            "no datalist given: pass --datalist <datalist.json> (`guidegen prepare` writes one for your data, "
+            "`guidegen demo-data --output_dir demo` the demo set's demo/datalist.json)"
+        )
     path = Path(path)
     try:
         content = json.loads(path.read_text())

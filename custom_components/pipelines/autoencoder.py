@@ -46,7 +46,8 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
     Args:
         model_path: ``guidegen_autoencoder/models/model.pt`` (or another autoencoder model file).
         class_map: the class map in use (:class:`~custom_components.data.class_map.ClassMap`); must match the one
-            the autoencoder was trained with.
+            the autoencoder was trained with when it takes the mask pyramid (``mask_input``); an image-only
+            autoencoder works with any class map.
         device: where to put it.
 
     Raises:
@@ -72,7 +73,11 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
         intensity_shift=architecture.get("intensity_shift", 0.0),
         intensity_scale=architecture.get("intensity_scale", 1.0),
     )
-    load_model_weights(model_path, network, CheckpointInfo("autoencoder", class_map.num_classes, class_map.name), "cpu")
+    if info.get("mask_input", True):
+        expected = CheckpointInfo("autoencoder", class_map.num_classes, class_map.name)
+    else:  # an image-only autoencoder never sees a mask: it serves any class map (e.g. with and without the body class)
+        expected = CheckpointInfo("autoencoder", int(info["num_classes"]), str(info["class_map_name"]))
+    load_model_weights(model_path, network, expected, "cpu")
     return network.to(device).eval().requires_grad_(False)
 
 
