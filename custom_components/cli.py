@@ -330,7 +330,9 @@ def synthesize(
         dataset_name: nnU-Net dataset name.
         mask: use this mask for every pair instead of stage 1.
         device: auto, cpu, cuda, ... (under torchrun: each rank's own GPU).
-        tcss_model, ldm_model, autoencoder_model: model files (default: the bundles' demo weights).
+        tcss_model: stage 1 model file (default: bundles/guidegen_tcss/models/model.pt, the demo weights).
+        ldm_model: stage 3 model file (default: bundles/guidegen_ldm/models/model.pt).
+        autoencoder_model: stage 2 model file (default: bundles/guidegen_autoencoder/models/model.pt).
         text_encoder_path: local text encoder folder.
         class_map: class map JSON the models were trained with.
         decode_tile: autoencoder decode tile in latent voxels.
