@@ -9,6 +9,7 @@ import torch
 from monai.networks.blocks import Upsample
 from torch import nn
 
+from custom_components.networks import unet as unet_module
 from custom_components.networks.layers import same_conv3d
 from custom_components.networks.slabs import (
     LazyRows,
@@ -30,6 +31,34 @@ def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
     return module.eval()
 
 
+SLAB_FUNCTIONS = ("resblock_in_slabs", "cross_attention_in_slabs", "conv_in_slabs", "norm_silu_conv_in_slabs",
+                  "conv_rows", "upsample_conv_rows")
+
+
+@pytest.fixture
+def slab_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Calls of each slab-wise function by the U-Net (counted where unet.py looks them up)."""
+    calls = dict.fromkeys(SLAB_FUNCTIONS, 0)
+
+    def counted(name: str) -> Any:
+        original = getattr(unet_module, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in SLAB_FUNCTIONS:
+        monkeypatch.setattr(unet_module, name, counted(name))
+    return calls
+
+
+def _units(network: CrossAttentionUNet3D) -> list[nn.Module]:
+    """The U-Net's residual units (each a residual block, then optional self- and cross-attention)."""
+    return [u for part in (network.encoder, network.decoder) for level in part for u in level.units] + list(network.middle)
+
+
 LAYOUTS: list[dict[str, Any]] = [
     # the paper's layout in small: attention-free top level, cross-attention below, self-attention at the bottom
     {"channels": (8, 16, 16), "cross_attention_levels": (False, True, True), "self_attention_levels": (False, False, True)},
@@ -42,8 +71,9 @@ LAYOUTS: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("slab_rows", [1, 3, 64])
-def test_slab_inference_equals_the_plain_forward(layout: dict[str, Any], slab_rows: int) -> None:
+def test_slab_inference_equals_the_plain_forward(layout: dict[str, Any], slab_rows: int, slab_calls: dict[str, int]) -> None:
     kwargs = {"num_res_blocks": 1, "norm_num_groups": 4, "num_head_channels": 4, **layout}
+    # inference_slab_min_mib=0: these small inputs (far below the default 64 MiB) take the slab path
     network = _randomize(CrossAttentionUNet3D(5, 3, inference_slab_rows=slab_rows, inference_slab_min_mib=0, **kwargs))
     levels = len(kwargs["channels"])
     x = torch.randn(2, 5, 12 * 2 ** (levels - 2), 8, 4 * 2 ** (levels - 1))  # uneven axes; odd row counts below
@@ -51,9 +81,15 @@ def test_slab_inference_equals_the_plain_forward(layout: dict[str, Any], slab_ro
     contexts = [None if d is None else torch.randn(2, 4, d) for d in network.context_dims]
     with torch.no_grad():
         slabs = network(x, t, contexts)
+    # every residual block (encoder, middle, decoder units) ran slab-wise, and the head and input convolution did
+    assert slab_calls["resblock_in_slabs"] == len(_units(network)) and slab_calls["norm_silu_conv_in_slabs"] == 1
+    assert slab_calls["conv_rows"] == 1 and slab_calls["upsample_conv_rows"] == levels - 1
+    assert slab_calls["cross_attention_in_slabs"] == sum(u.cross_attn is not None for u in _units(network))
+    before = dict(slab_calls)
     network.inference_slab_rows = None
     with torch.no_grad():
         plain = network(x, t, contexts)
+    assert slab_calls == before  # the reference really is the plain pass
     assert slabs.shape == plain.shape
     assert plain.abs().max() > 0.1  # the comparison is not between two zero tensors
     torch.testing.assert_close(slabs, plain, atol=2e-5, rtol=1e-4)
@@ -150,3 +186,24 @@ def test_small_volumes_take_the_plain_forward(monkeypatch: pytest.MonkeyPatch) -
         network.inference_slab_min_mib = 0
         network(torch.randn(1, 2, 8, 8, 8), torch.tensor([1]))
         assert calls == [1]
+
+
+def test_the_memory_threshold_decides_the_path(slab_calls: dict[str, int]) -> None:
+    """At the default 64 MiB an 8³ input takes the plain pass; lowered to that input's own top-level feature map
+    (batch x channels[0] x voxels x 4 bytes) it takes the slab path, with the same result."""
+    network = _randomize(CrossAttentionUNet3D(2, 2, channels=(8, 8), cross_attention_levels=(False, True),
+                                              self_attention_levels=(False, False), norm_num_groups=4, num_head_channels=4))
+    x, t, contexts = torch.randn(1, 2, 8, 8, 8), torch.tensor([1]), [None, torch.randn(1, 3, 8)]
+    top_level_mib = 1 * 8 * 8**3 * 4 / 2**20
+    with torch.no_grad():
+        plain = network(x, t, contexts)
+        assert network.inference_slab_min_mib == 64.0 and sum(slab_calls.values()) == 0
+        network.inference_slab_min_mib = top_level_mib * 1.001
+        network(x, t, contexts)
+        assert sum(slab_calls.values()) == 0  # just above this input: still plain
+        network.inference_slab_min_mib = top_level_mib
+        slabs = network(x, t, contexts)
+    assert slab_calls["resblock_in_slabs"] == len(_units(network)) > 0
+    assert slab_calls["cross_attention_in_slabs"] == sum(u.cross_attn is not None for u in _units(network)) > 0
+    assert plain.abs().max() > 0.1
+    torch.testing.assert_close(slabs, plain, atol=2e-5, rtol=1e-4)
