@@ -482,9 +482,12 @@ def evaluate(
 
 def package(*, output_dir: str = "dist", bundles: Any = "all") -> list[str]:
     """Zip bundles the way the MONAI model zoo distributes them: OUTPUT_DIR/<name>_v<version>.zip, each holding one
-    top-level folder <name>/ (configs, docs, LICENSE, and models/model.pt when trained; resumable checkpoints and
-    run outputs are left out). Install one elsewhere with
-    `python -m monai.bundle download --name <name> --url file://<absolute path of the zip> --bundle_dir <dir>`.
+    top-level folder <name>/ (configs, docs, LICENSE, the custom_components package the configs import, and
+    models/model.pt when trained; resumable checkpoints and run outputs are left out). First the bundle's
+    large_files.yml md5 and its metadata.json package versions (required_packages_version: what that bundle needs)
+    are refreshed from the model file and the installed packages. Install the bundles into one folder with
+    `python -m monai.bundle download --name <name> --url file://<absolute path of the zip> --bundle_dir <dir>`; they
+    run from there with only the card's packages installed (no install of this repository).
 
     Args:
         output_dir: where the archives go.

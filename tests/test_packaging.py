@@ -40,7 +40,7 @@ def test_checkpoints_and_run_outputs_stay_out_but_the_model_goes_in(tmp_path):
     shutil.copy(ROOT / "bundles/guidegen_tcss/models/model.pt", bundle / "models/model.pt")  # packaging verifies it
     names = zipfile.ZipFile(package_bundle(bundle, tmp_path / "dist")).namelist()
     assert "guidegen_tcss/models/model.pt" in names
-    assert not any("checkpoint" in n or "/outputs/" in n or "/eval/" in n for n in names)
+    assert not any(n.startswith("guidegen_tcss/models/checkpoint") or "/outputs/" in n or "/eval/" in n for n in names)
 
 
 def test_monai_download_unpacks_the_archive(tmp_path):
