@@ -14,6 +14,8 @@ import yaml
 
 from helpers_bundles import run_bundle, run_two_process_training, train_then_resume
 
+from custom_components.engines import read_model_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles/guidegen_autoencoder/configs"
 TINY_ARCHITECTURE = {
@@ -61,7 +63,7 @@ def trained(workspace):
 
 def test_training_writes_model_and_full_gan_state(trained):
     models = trained["models"]
-    model = torch.load(models / "model.pt", weights_only=True)
+    model = read_model_file(models / "model.pt")
     assert model["info"]["stage"] == "autoencoder" and model["info"]["num_classes"] == 20
     assert model["info"]["architecture"]["channels"] == [8, 16] and model["info"]["mask_input"] is True
     assert model["info"]["hu_range"] == [-1024.0, 3071.0]
@@ -170,7 +172,7 @@ def test_mask_free_ablation_trains(workspace, tmp_path):
     result = run_bundle("training", configs, "--mask_input", "False", "--hdr", "False", "--ckpt_dir", str(tmp_path / "m"),
                         "--output_dir", str(tmp_path / "o"), "--adversarial_start", "1000")
     assert result.returncode == 0, result.stderr[-4000:]
-    model = torch.load(tmp_path / "m/model.pt", weights_only=True)
+    model = read_model_file(tmp_path / "m/model.pt")
     assert model["info"]["mask_input"] is False and model["info"]["hdr"] is False
     assert not any(".fuse." in key for key in model["model"])  # no mask-fusion convolutions
 

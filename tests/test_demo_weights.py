@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from custom_components.data.io import file_digest
+from custom_components.engines import read_checkpoint_info
 from custom_components.packaging import BUNDLE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +37,9 @@ def test_weights_are_small_and_listed_with_their_md5(name):
 
 
 def test_the_latent_generator_was_trained_on_the_shipped_autoencoder():
-    info = torch.load(ROOT / "bundles/guidegen_ldm/models/model.pt", weights_only=True)["info"]
+    info = read_checkpoint_info(ROOT / "bundles/guidegen_ldm/models/model.pt")
     assert info["autoencoder_sha256"] == file_digest(ROOT / "bundles/guidegen_autoencoder/models/model.pt")
-    tcss = torch.load(ROOT / "bundles/guidegen_tcss/models/model.pt", weights_only=True)["info"]
+    tcss = read_checkpoint_info(ROOT / "bundles/guidegen_tcss/models/model.pt")
     assert tcss["mask_size"] == info["mask_size"]
 
 

@@ -16,6 +16,8 @@ import yaml
 from helpers_bundles import TINY_TEXT_UNET, run_bundle, run_two_process_training, train_then_resume
 from helpers_tiny_text import make_tiny_text_encoder_dir
 
+from custom_components.engines import read_model_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles/guidegen_ldm/configs"
 TINY_ARCHITECTURE = TINY_TEXT_UNET
@@ -65,8 +67,7 @@ def trained(workspace):
 
 
 def test_training_caches_latents_and_stores_the_scale_factor(trained, workspace):
-    model = torch.load(trained["models"] / "model.pt", weights_only=True)
-    info = model["info"]
+    info = read_model_file(trained["models"] / "model.pt")["info"]
     assert info["stage"] == "ldm" and info["latent_shape"] == [2, 8, 8, 8] and info["mask_factor"] == 1
     manifest = json.loads((workspace["root"] / "out/latent_cache/manifest.json").read_text())
     assert info["scale_factor"] == pytest.approx(manifest["scale_factor"]) and info["scale_factor"] > 0

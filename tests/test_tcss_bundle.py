@@ -15,6 +15,8 @@ import yaml
 from helpers_bundles import TINY_TEXT_UNET, run_bundle, run_two_process_training, train_then_resume
 from helpers_tiny_text import make_tiny_text_encoder_dir
 
+from custom_components.engines import MODEL_INFO_KEY, read_model_file, write_model_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles/guidegen_tcss/configs"
 TINY_ARCHITECTURE = TINY_TEXT_UNET
@@ -51,7 +53,10 @@ def trained(workspace):
 def test_training_writes_checkpoints_and_model(trained):
     models = trained["models"]
     assert (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
-    model = torch.load(models / "model.pt", weights_only=True)
+    model = read_model_file(models / "model.pt")
+    # the file is the network's plain state dict (what ckpt_export reads), the info in its metadata
+    raw = torch.load(models / "model.pt", weights_only=True)
+    assert "info" not in raw and raw._metadata[MODEL_INFO_KEY] == model["info"]
     assert model["info"]["stage"] == "tcss" and model["info"]["num_classes"] == 20
     assert model["info"]["architecture"]["channels"] == [8, 16]
     assert len(model["info"]["mask_spacing_mm"]) == 3
@@ -90,7 +95,7 @@ def test_inference_writes_masks_with_affine(trained, workspace):
                         "--output_dir", str(out), "--num_inference_steps", "3", "--text_encoder_path", str(workspace["text_dir"]),
                         "--prompts", json.dumps(prompts))
     assert result.returncode == 0, result.stderr[-4000:]
-    info = torch.load(trained["models"] / "model.pt", weights_only=True)["info"]
+    info = read_model_file(trained["models"] / "model.pt")["info"]
     for index in range(2):
         image = nib.load(str(out / f"sample_{index:03d}/mask.nii.gz"))
         assert image.shape == (16, 16, 16) and image.get_data_dtype() == np.uint8
@@ -102,10 +107,9 @@ def test_inference_writes_masks_with_affine(trained, workspace):
 
 
 def test_inference_rejects_a_checkpoint_of_another_stage(trained, workspace, tmp_path):
-    model = torch.load(trained["models"] / "model.pt", weights_only=True)
-    model["info"]["stage"] = "ldm"
+    model = read_model_file(trained["models"] / "model.pt")
     foreign = tmp_path / "ldm_model.pt"
-    torch.save(model, foreign)
+    write_model_file(foreign, model["model"], {**model["info"], "stage": "ldm"})
     result = run_bundle("inference", [CONFIGS / "inference.yaml"], "--model_path", str(foreign),
                         "--output_dir", str(tmp_path / "o"), "--text_encoder_path", str(workspace["text_dir"]))
     assert result.returncode != 0

@@ -2,8 +2,11 @@
 
 from .checkpoints import (
     STAGES,
+    MODEL_INFO_KEY,
     CheckpointInfo,
+    InferenceWeights,
     compact_model_file,
+    convert_model_file,
     latest_checkpoint,
     load_model_weights,
     load_network,
@@ -11,6 +14,8 @@ from .checkpoints import (
     read_checkpoint_info,
     read_intact_model_file,
     read_model_file,
+    split_model_file,
+    write_model_file,
 )
 from .residency import StageResidency
 from .handlers import ResumeFromLatest, TrainingCheckpointSaver, TrainingProgressBar
@@ -35,6 +40,11 @@ __all__ = [
     "load_model_weights",
     "load_network",
     "compact_model_file",
+    "convert_model_file",
+    "InferenceWeights",
+    "MODEL_INFO_KEY",
+    "split_model_file",
+    "write_model_file",
     "model_file_digest",
     "read_intact_model_file",
     "read_checkpoint_info",

@@ -4,6 +4,14 @@ Every checkpoint carries a :class:`CheckpointInfo` entry (``"info"``) that names
 and the class map it was trained with. Loading a checkpoint of another stage, or one trained for a
 different number of classes, fails with a message that says so instead of a wall of shape mismatches.
 
+A model file (``models/model.pt``, the inference weights) is the network's plain state dict, what MONAI's
+``ckpt_export``, ``CheckpointLoader`` and ``torch.load`` + ``load_state_dict`` read (issue 17; the model zoo's
+``ci/verify_bundle.py`` exports it without ``key_in_ckpt``). The info rides along in the state dict's own metadata
+(``state_dict._metadata[MODEL_INFO_KEY]``, where torch keeps each module's version; ``load_state_dict`` looks up only
+module paths there), so it is in the same file, covered by the same digests, and ignored by every loader that does
+not ask for it. Files of the earlier layout, ``{"model": state_dict, "info": {...}}``, still load; every reader sees
+both layouts as ``{"model": state_dict, "info": {...}}`` (:func:`read_model_file`).
+
 Every model file is verified when it is read (:func:`read_model_file`, the one place that reads them): the CRC-32 that
 ``torch.save`` records for each stored tensor, the digest of the bundle's ``large_files.yml`` where the file is listed
 there, and finite parameters. A damaged file stops the run with the file and the fix named; the checks run once per
@@ -15,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,10 +44,19 @@ __all__ = [
     "load_model_weights",
     "load_network",
     "compact_model_file",
+    "convert_model_file",
+    "InferenceWeights",
+    "MODEL_INFO_KEY",
+    "model_state_dict",
+    "split_model_file",
+    "write_model_file",
 ]
 
 STAGES = ("tcss", "autoencoder", "ldm")
 LARGE_FILES = "large_files.yml"
+# where a model file keeps its info: a key of the state dict's metadata that no module path can take (module names
+# cannot be empty or hold a "."; torch writes "" for the root and dotted paths for submodules, none with a ":")
+MODEL_INFO_KEY = "guidegen:info"
 logger = logging.getLogger(__name__)
 
 # (resolved path, size, mtime_ns) of the file versions already verified, and digests already computed: a run reads a
@@ -92,6 +110,90 @@ class CheckpointInfo:
                 "use the class map the checkpoint was trained with"
             )
         self.loaded = dict(state)
+
+
+def _info_dict(info: CheckpointInfo | Mapping[str, Any]) -> dict[str, Any]:
+    return info.state_dict() if isinstance(info, CheckpointInfo) else dict(info)
+
+
+def model_state_dict(state: Mapping[str, Any], info: CheckpointInfo | Mapping[str, Any]) -> OrderedDict[str, Any]:
+    """A network's state dict with the model file's info attached (the content of a model file).
+
+    Args:
+        state: the network's ``state_dict()`` (its per-module metadata is kept).
+        info: the :class:`CheckpointInfo` (or its plain dict).
+
+    Returns:
+        a new ``OrderedDict`` of the same tensors whose ``_metadata[MODEL_INFO_KEY]`` holds the info as a plain dict
+        (saved and read back by ``torch.save`` / ``torch.load(weights_only=True)``).
+    """
+    result = OrderedDict(state.items())
+    metadata = OrderedDict(getattr(state, "_metadata", None) or {})
+    metadata[MODEL_INFO_KEY] = _info_dict(info)
+    result._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+def split_model_file(checkpoint: Any) -> tuple[Mapping[str, Any], dict[str, Any]] | None:
+    """``(state_dict, info)`` of a loaded model file of either layout, or None when it is no guidegen model file.
+
+    Layouts: a state dict with the info in its metadata (written since issue 17), or ``{"model": state_dict,
+    "info": {...}}`` (earlier files).
+    """
+    if not isinstance(checkpoint, Mapping):
+        return None
+    if isinstance(checkpoint.get("model"), Mapping) and isinstance(checkpoint.get("info"), Mapping):
+        return checkpoint["model"], dict(checkpoint["info"])
+    info = (getattr(checkpoint, "_metadata", None) or {}).get(MODEL_INFO_KEY)
+    if isinstance(info, Mapping):
+        return checkpoint, dict(info)
+    return None
+
+
+def write_model_file(path: str | os.PathLike, state: Mapping[str, Any], info: CheckpointInfo | Mapping[str, Any]) -> Path:
+    """Write a model file (the state dict with its info, see :func:`model_state_dict`), atomically.
+
+    Returns:
+        the path.
+    """
+    from custom_components.data.io import atomic_write
+
+    content = model_state_dict(state, info)
+    return atomic_write(path, lambda temporary: torch.save(content, str(temporary)))
+
+
+class InferenceWeights:
+    """The model file's content as a ``save_dict`` entry: ``state_dict()`` is the network's with the info attached.
+
+    A ``CheckpointSaver`` whose ``save_dict`` holds only this entry writes ``state_dict()`` as the whole file (ignite
+    saves a single object without a key), i.e. the plain state dict that ``ckpt_export`` reads, with the info in it.
+
+    Args:
+        network: the network whose weights are saved (a DDP/DataParallel wrapper is unwrapped).
+        info: its :class:`CheckpointInfo`.
+    """
+
+    def __init__(self, network: torch.nn.Module, info: CheckpointInfo) -> None:
+        self.network = network
+        self.info = info
+
+    def _module(self) -> torch.nn.Module:
+        network = self.network
+        if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            network = network.module
+        return network
+
+    def state_dict(self) -> OrderedDict[str, Any]:
+        return model_state_dict(self._module().state_dict(), self.info)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check the info (stage, class count), then load the weights strictly."""
+        split = split_model_file(state)
+        if split is None:
+            raise GuideGenInputError("not a guidegen model file (no info entry)")
+        weights, info = split
+        self.info.load_state_dict(info)
+        self._module().load_state_dict(weights)
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> str | None:
@@ -210,8 +312,13 @@ def _read_checked(path: Path, map_location: Any, listed: _LargeFilesEntry | None
         raise GuideGenInputError(
             f"model weights {path} cannot be read ({type(err).__name__}: {err}); {_restore_advice(path, listed)}"
         ) from err
-    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "info" not in checkpoint:
-        raise GuideGenInputError(f"{path} is not a guidegen model file (expected 'model' and 'info' entries)")
+    split = split_model_file(checkpoint)
+    if split is None:
+        raise GuideGenInputError(
+            f"{path} is not a guidegen model file (expected a state dict carrying the model info, or 'model' and "
+            "'info' entries)"
+        )
+    checkpoint = {"model": split[0], "info": split[1]}
     if not verified:
         non_finite = [name for name, value in checkpoint["model"].items()
                       if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
@@ -222,18 +329,18 @@ def _read_checked(path: Path, map_location: Any, listed: _LargeFilesEntry | None
                 f"them diverged or the file was damaged; {_restore_advice(path, listed)}"
             )
         _intact_files.add(stamp)
-    return dict(checkpoint)
+    return checkpoint
 
 
 def read_intact_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """:func:`read_model_file` without the comparison with ``large_files.yml``, for recording a new digest.
 
     Args:
-        path: model file (``{"model": state_dict, "info": {...}}``).
+        path: model file (either layout, see the module docs).
         map_location: passed to :func:`torch.load`.
 
     Returns:
-        the checkpoint dict (tensors memory-mapped from the file).
+        ``{"model": state_dict, "info": {...}}`` (tensors memory-mapped from the file).
 
     Raises:
         GuideGenInputError: missing, unreadable, failing its stored checksums, not a guidegen model file, or holding
@@ -243,7 +350,7 @@ def read_intact_model_file(path: str | os.PathLike, map_location: Any = "cpu") -
 
 
 def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a model file (``{"model": state_dict, "info": {...}}``, written at the end of training), verified.
+    """Read a model file (written at the end of training; either layout, see the module docs), verified.
 
     Checks, once per version of the file: the CRC-32 torch stored for every tensor, finite parameters, and, where a
     bundle's ``large_files.yml`` lists the file, its digest. A damaged file is refused (a listed one with both digests
@@ -255,7 +362,7 @@ def read_model_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         map_location: passed to :func:`torch.load`.
 
     Returns:
-        the checkpoint dict.
+        ``{"model": state_dict, "info": {...}}``, whichever layout the file has.
 
     Raises:
         GuideGenInputError: missing, unreadable, damaged, not a guidegen model file, or non-finite parameters; the
@@ -338,9 +445,10 @@ def compact_model_file(path: str | os.PathLike, dtype: torch.dtype = torch.float
     Loading needs no change: ``load_state_dict`` copies each stored tensor into the network's float32 parameter.
     The info entry records ``weights_dtype`` so that the rounding is visible to whoever reads the file. Used for
     the demo weights shipped in the repository (each model file must stay small); training always writes float32.
+    The file is written in the current layout (a plain state dict carrying its info).
 
     Args:
-        path: a model file (``{"model": state_dict, "info": {...}}``), rewritten atomically.
+        path: a model file (either layout), rewritten atomically.
         dtype: storage type of the floating tensors.
 
     Returns:
@@ -349,10 +457,27 @@ def compact_model_file(path: str | os.PathLike, dtype: torch.dtype = torch.float
     Raises:
         GuideGenInputError: see :func:`read_model_file`.
     """
-    from custom_components.data.io import atomic_write
-
     checkpoint = read_model_file(path)
-    model = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    model = OrderedDict((k, v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                        for k, v in checkpoint["model"].items())
+    model._metadata = getattr(checkpoint["model"], "_metadata", None)  # type: ignore[attr-defined]
     info = {**dict(checkpoint["info"]), "weights_dtype": str(dtype).replace("torch.", "")}
-    state = {**checkpoint, "model": model, "info": info}
-    return atomic_write(path, lambda temporary: torch.save(state, str(temporary)))
+    return write_model_file(path, model, info)
+
+
+def convert_model_file(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Write a model file of the earlier ``{"model", "info"}`` layout as a plain state dict carrying its info.
+
+    The tensors (values and dtypes) and the info are unchanged; only the container differs, so the file's digests
+    change (re-record them with ``guidegen package``; a latent generator's ``autoencoder_sha256`` names the
+    autoencoder file's bytes). A file already in the current layout is rewritten as it is.
+
+    Args:
+        path: the model file (verified as :func:`read_model_file` does).
+        output: where to write; default: in place.
+
+    Returns:
+        the written path.
+    """
+    checkpoint = read_model_file(path)
+    return write_model_file(path if output is None else output, checkpoint["model"], checkpoint["info"])

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from custom_components.data.class_map import ClassMap, load_class_map
-from custom_components.data.io import atomic_write
 
 __all__ = ["PAPER_ARCHITECTURES", "write_untrained_models"]
 
@@ -32,8 +31,9 @@ PAPER_ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 def _save(network: torch.nn.Module, info: Mapping[str, Any], path: Path) -> Path:
-    state = {"model": network.state_dict(), "info": dict(info)}
-    return atomic_write(path, lambda temporary: torch.save(state, str(temporary)))
+    from custom_components.engines.checkpoints import write_model_file
+
+    return write_model_file(path, network.state_dict(), info)  # the layout training writes (what ckpt_export reads)
 
 
 def write_untrained_models(
