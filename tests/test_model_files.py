@@ -108,13 +108,11 @@ def test_an_intact_file_that_differs_from_large_files_yml_is_used_with_a_warning
 
 
 def test_a_file_is_hashed_once_per_version(tmp_path, monkeypatch):
-    from custom_components.engines import checkpoints
-
     bundle = _bundle_copy(tmp_path)
     model = bundle / "models/model.pt"
     calls = []
     real_new = hashlib.new
-    monkeypatch.setattr(checkpoints.hashlib, "new", lambda *a, **k: (calls.append(a), real_new(*a, **k))[1])
+    monkeypatch.setattr(hashlib, "new", lambda *a, **k: (calls.append(a), real_new(*a, **k))[1])
     for _ in range(3):
         read_model_file(model)
     assert len(calls) == 1, calls
