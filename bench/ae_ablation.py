@@ -188,6 +188,28 @@ def baseline(name: str, image_hu: np.ndarray) -> np.ndarray:
     return F.interpolate(pooled, size=image_hu.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
+def write_previews(folder: Path, image_hu: np.ndarray, spacing: tuple[float, float, float], rows: dict[str, np.ndarray]) -> list[Path]:
+    """One PNG per window: a row per volume (the real CT first), axial / coronal / sagittal, the name on the left."""
+    from PIL import Image, ImageDraw
+
+    from custom_components.data.preview import render_preview, save_preview
+
+    written = []
+    for window_name, window in (("soft_tissue", (-160.0, 240.0)), ("lung", (-1000.0, 200.0))):
+        panels = [render_preview(volume, None, 2, spacing=spacing, window=window, height=160) for volume in [image_hu, *rows.values()]]
+        names = ["real CT (held out)", *rows]
+        label_width = 150
+        canvas = Image.new("RGB", (label_width + max(p.width for p in panels), sum(p.height + 4 for p in panels)), "white")
+        draw = ImageDraw.Draw(canvas)
+        top = 0
+        for name, panel in zip(names, panels):
+            canvas.paste(panel, (label_width, top))
+            draw.text((6, top + panel.height // 2 - 6), name, fill="black")
+            top += panel.height + 4
+        written.append(save_preview(canvas, folder / f"reconstruction_{window_name}.png"))
+    return written
+
+
 def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, object]:
     summary: dict[str, object] = {"seeds": per_seed}
     for metric in METRICS:
@@ -232,6 +254,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads per training run")
     parser.add_argument("--held_out_ct", type=Path, default=SHARED_EXAMPLE / "ct_small.nii.gz")
     parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
+    parser.add_argument("--previews", type=Path, help="also write PNGs of the held-out CT, pool4 and each variant's first seed here")
     parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
     parser.add_argument(
         "--checkpoints", action="store_true",
@@ -268,6 +291,7 @@ def main() -> None:
         print(json.dumps({"held_out": str(args.held_out_ct), "epochs": by_run}, indent=1))
         return
     results: dict[str, object] = {}
+    previews: dict[str, np.ndarray] = {"pool4": baseline("pool4", image_hu)}
     for name in BASELINES:
         metrics = reconstruction_metrics(image_hu, baseline(name, image_hu))
         results[name] = {metric: round(metrics[metric], 2) for metric in METRICS}
@@ -275,7 +299,10 @@ def main() -> None:
         per_seed: dict[int, dict[str, float]] = {}
         for seed in seeds:
             model, seconds = train(name, seed, args, train_datalist)
-            metrics = reconstruction_metrics(image_hu, reconstruct(name, model, image_hu, labels))
+            reconstruction = reconstruct(name, model, image_hu, labels)
+            if seed == seeds[0]:
+                previews[f"{name} (seed {seed})"] = reconstruction
+            metrics = reconstruction_metrics(image_hu, reconstruction)
             per_seed[seed] = {**{metric: round(metrics[metric], 2) for metric in METRICS}, "train_seconds": round(seconds, 1)}
             print(f"[ae_ablation] {name} seed {seed}: {per_seed[seed]}", file=sys.stderr, flush=True)
         results[name] = summarise(per_seed)
@@ -285,6 +312,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }  # fmt: skip
     (args.work_dir / "results.json").write_text(json.dumps(output, indent=1))
+    if args.previews is not None:
+        spacing = tuple(float(v) for v in nib.load(case["image"]).header.get_zooms()[:3])
+        for path in write_previews(args.previews, image_hu, spacing, previews):
+            print(f"[ae_ablation] preview {path}", file=sys.stderr)
     print(json.dumps(output, indent=1))
 
 
