@@ -443,3 +443,26 @@ def test_the_new_keys_are_accepted_as_overrides():
     ):
         ConfigWorkflow(config_file=[str(CONFIGS / c) for c in configs], logging_file=False, workflow_type=None,
                        **overrides).initialize()
+
+
+def test_guidance_warns_for_a_model_trained_without_prompt_dropout(network, text_encoder):
+    import warnings
+
+    def sample(trained_text_dropout, scale):
+        pipeline = TCSSPipeline(network, _scheduler(), text_encoder, SIZE, trained_text_dropout=trained_text_dropout)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipeline(PROMPTS[:1], num_inference_steps=2, progress=False, guidance_scale=scale)
+        return [str(w.message) for w in caught if "prompt dropout" in str(w.message)]
+
+    (message,) = sample(0.0, 2.0)
+    assert "guidance_scale = 2" in message and "text_dropout" in message
+    assert sample(0.0, 1.0) == [] and sample(0.1, 2.0) == [] and sample(None, 2.0) == []
+
+
+def test_the_model_file_records_the_prompt_dropout_for_inference():
+    train = yaml.safe_load((CONFIGS / "train.yaml").read_text())
+    assert train["checkpoint_info"]["extra"]["text_dropout"] == "@text_dropout"
+    inference = yaml.safe_load((CONFIGS / "inference.yaml").read_text())
+    # files without the entry predate prompt dropout: trained with 0
+    assert inference["pipeline"]["trained_text_dropout"] == "$@model_info.get('text_dropout', 0.0)"

@@ -14,6 +14,7 @@ loop is the unguided one: one pass per step on the prompts alone, the same draws
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,26 @@ class TCSSPipeline:
         text_encoder: ``text_encoder(prompts) -> (features, mask)``.
         spatial_size: mask size, e.g. (128, 128, 128).
         device: where to sample.
+        trained_text_dropout: the prompt dropout the model was trained with (the model file's ``text_dropout``; files
+            made before prompt dropout existed were trained with 0). With 0, guidance warns that the null prompt was
+            never trained; None: unknown, no warning.
     """
 
-    def __init__(self, network: torch.nn.Module, scheduler: Any, text_encoder: torch.nn.Module, spatial_size: Sequence[int], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        scheduler: Any,
+        text_encoder: torch.nn.Module,
+        spatial_size: Sequence[int],
+        device: torch.device | str = "cpu",
+        trained_text_dropout: float | None = None,
+    ) -> None:
         self.network = network
         self.scheduler = scheduler
         self.text_encoder = text_encoder
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.device = torch.device(device)
+        self.trained_text_dropout = None if trained_text_dropout is None else float(trained_text_dropout)
 
     @torch.no_grad()
     def __call__(
@@ -85,6 +98,14 @@ class TCSSPipeline:
         except ValueError as error:
             raise GuideGenInputError(str(error)) from None
         guided = scale != 1.0
+        if guided and self.trained_text_dropout == 0:
+            warnings.warn(
+                f"guidance_scale = {scale:g} with a model trained without prompt dropout (text_dropout 0): its "
+                "unconditional prediction (the null prompt) was never trained, so the guided masks mean little; train "
+                "with text_dropout > 0 (train.yaml) or sample with guidance_scale 1",
+                UserWarning,
+                stacklevel=2,
+            )
         generator = torch.Generator(device=self.device)
         if seed is not None:
             generator.manual_seed(int(seed))
