@@ -36,8 +36,10 @@ logger = logging.getLogger(__name__)
 
 # The `bundle_root` line of every GuideGen config (with the bundle's name). Pure Python up to the call, because it
 # runs where `custom_components` may not be importable yet: the folder of each running ConfigWorkflow on the call
-# stack (its configs/ folder's parent) goes first on sys.path; running_bundle_root
-# then redoes the config's imports (they failed before the folder was on the path) and returns the folder.
+# stack (its configs/ folder's parent) goes first on sys.path; running_bundle_root then redoes the config's imports
+# (they failed before the folder was on the path) and returns the folder. For this to come before any other use of
+# custom_components, the first item of every config's `initialize` refers to @bundle_root; with `--tracking`, MONAI
+# resolves `output_dir` (so @bundle_root) even earlier, in the workflow's constructor, which works the same way.
 BUNDLE_ROOT_EXPRESSION = (
     "$[__import__('sys').path.insert(0, str(r.parent if r.name == 'configs' else r)) "
     "for f, _ in __import__('traceback').walk_stack(None) for w in [f.f_locals.get('self')] "
