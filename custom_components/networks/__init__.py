@@ -6,6 +6,7 @@ from .factory import build_text_conditioned_unet
 from .knowledge_injection import KnowledgeInjection
 from .latent_denoiser import LatentDenoiser, MaskEncoder, build_latent_denoiser
 from .text_encoder import TextEncoder, default_text_encoder_path
+from .streaming import stream_decode, stream_encode
 from .tiling import tiled_decode, tiled_encode
 from .unet import CrossAttentionUNet3D, TextConditionedUNet
 
@@ -21,6 +22,8 @@ __all__ = [
     "TextConditionedUNet",
     "MaskGuidedAutoencoder",
     "VoxelNorm",
+    "stream_decode",
+    "stream_encode",
     "tiled_decode",
     "tiled_encode",
 ]

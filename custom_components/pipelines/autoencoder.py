@@ -2,13 +2,15 @@
 
 The network works on intensities scaled from the full CT range (:data:`~custom_components.data.intensity.HU_MIN`
 .. ``HU_MAX``) to [-1, 1]; this module converts at its edges, pads volumes to a multiple of the network's
-downsampling factor, and encodes/decodes tile by tile (:func:`~custom_components.networks.tiled_encode`,
-:func:`~custom_components.networks.tiled_decode`) so that 256³ and 512³ volumes fit a fixed memory budget.
+downsampling factor, and encodes/decodes slab by slab along the first axis (:func:`~custom_components.networks.stream_encode`,
+:func:`~custom_components.networks.stream_decode`: exact, every voxel computed once) so that 256³ and 512³ volumes fit
+a fixed memory budget.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from custom_components.data.io import load_nifti, read_volume, save_nifti, write
 from custom_components.data.latents import decode_file, encode_file, image_affine, latent_affine, read_matching_mask
 from custom_components.data.preview import render_preview, save_preview
 from custom_components.errors import CaseError, GuideGenInputError
-from custom_components.networks import MaskGuidedAutoencoder, tiled_decode, tiled_encode
+from custom_components.networks import MaskGuidedAutoencoder, stream_decode, stream_encode
 
 __all__ = [
     "load_autoencoder",
@@ -80,22 +82,30 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
 
 
 class AutoencoderPipeline:
-    """Encode CTs to latents and decode latents to CTs, in Hounsfield units, tile by tile.
+    """Encode CTs to latents and decode latents to CTs, in Hounsfield units, slab by slab.
+
+    A ``norm="voxel"`` network (the default) streams: it runs along the first axis a slab of rows at a time, keeping
+    only the rows later slabs still need (:mod:`custom_components.networks.streaming`); the result equals the
+    whole-volume pass up to float rounding and memory does not grow with the first axis. A ``norm="group"`` network
+    cannot stream (GroupNorm's statistics span the whole volume): it runs on the whole volume in one pass, with a
+    warning.
 
     Args:
         network: a :class:`~custom_components.networks.MaskGuidedAutoencoder` (weights loaded).
         device: where to run.
-        encode_tile: encoder tile edge in image voxels (rounded down to a multiple of the downsampling factor).
-        decode_tile: decoder tile edge in latent voxels.
-        progress: show progress bars over tiles.
+        encode_tile: image rows fed to the encoder per step (the slab thickness); memory grows with it, the work
+            does not.
+        decode_tile: latent rows fed to the decoder per step (each becomes ``f`` image rows); memory grows with it,
+            the work does not.
+        progress: show progress bars over slabs.
     """
 
     def __init__(
         self,
         network: torch.nn.Module,
         device: torch.device | str = "cpu",
-        encode_tile: int = 128,
-        decode_tile: int = 8,
+        encode_tile: int = 4,
+        decode_tile: int = 1,
         progress: bool = False,
     ) -> None:
         self.network = network.to(device).eval()
@@ -103,11 +113,27 @@ class AutoencoderPipeline:
         self.encode_tile = int(encode_tile)
         self.decode_tile = int(decode_tile)
         self.progress = progress
+        self._warned = False
 
     @property
     def factor(self) -> int:
         """Downsampling factor between image and latent grids."""
         return int(self.network.downsample_factor)
+
+    def _streams(self, what: str) -> bool:
+        """Whether the network streams exactly (``norm="voxel"``); otherwise warn once that it runs untiled."""
+        if getattr(self.network, "norm", "voxel") == "voxel":
+            return True
+        if not self._warned:
+            warnings.warn(
+                f"this autoencoder uses norm={self.network.norm!r}: GroupNorm normalises with statistics of the whole "
+                f"volume, so it cannot {what} slab by slab and runs on the whole volume at once (memory grows with the "
+                "volume: a 256^3 decode at paper widths needs about 52 GiB). Networks with norm='voxel' stream in "
+                "bounded memory.",
+                stacklevel=3,
+            )
+            self._warned = True
+        return False
 
     def _mask(self, mask: torch.Tensor | np.ndarray | None, batch: int) -> torch.Tensor | None:
         if not getattr(self.network, "num_classes", 0):
@@ -137,7 +163,11 @@ class AutoencoderPipeline:
         while image.ndim < 5:
             image = image.unsqueeze(0)
         image = hu_to_unit(image.to(self.device))
-        z_mu, _ = tiled_encode(self.network, image, self._mask(mask, image.shape[0]), tile_size=self.encode_tile, progress=self.progress)
+        mask = self._mask(mask, image.shape[0])
+        if self._streams("encode"):
+            z_mu, _ = stream_encode(self.network, image, mask, slab_rows=self.encode_tile, progress=self.progress)
+        else:
+            z_mu, _ = self.network.encode(image, mask)
         return z_mu
 
     @torch.no_grad()
@@ -152,7 +182,11 @@ class AutoencoderPipeline:
             (B, 1, *latent_size × f) CT in HU on the CPU.
         """
         latent = latent.to(self.device).float()
-        decoded = tiled_decode(self.network, latent, self._mask(mask, latent.shape[0]), tile_size=self.decode_tile, progress=self.progress)
+        mask = self._mask(mask, latent.shape[0])
+        if self._streams("decode"):
+            decoded = stream_decode(self.network, latent, mask, slab_rows=self.decode_tile, progress=self.progress)
+        else:
+            decoded = self.network.decode(latent, mask)
         return unit_to_hu(decoded.clamp(-1, 1)).cpu()
 
     def reconstruct(self, image_hu: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Stages III + II chained: an anatomy mask and a prompt -> a CT volume in Hounsfield units on the mask's field of view.
 
 The latent generator samples a CT latent conditioned on the mask and the prompt (paper Eq. 10-11), the latent is
-divided by the training scale factor, and the mask-guided autoencoder decodes it tile by tile. File writing is
+divided by the training scale factor, and the mask-guided autoencoder decodes it slab by slab. File writing is
 left to :func:`generate_cts`.
 """
 

