@@ -17,6 +17,13 @@ from custom_components.networks import streaming
 from custom_components.networks.streaming import stream_decode, stream_encode
 
 @pytest.fixture(autouse=True)
+def _row_by_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No gathering of rows at coarse levels (which would take these small volumes whole): every stage runs slab by
+    slab; test_gathering_rows_is_exact covers the gathering."""
+    monkeypatch.setattr(streaming, "_MIN_VOXELS_PER_CALL", 0)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread() -> Any:
     """One thread: these many small convolutions only wait on each other's barriers with two (and a busy CPU)."""
     threads = torch.get_num_threads()
@@ -114,10 +121,12 @@ def _macs(monkeypatch: pytest.MonkeyPatch, run: Any, phase_weights: set[int]) ->
         total += out.numel() * taps
         return out
 
-    monkeypatch.setattr(torch.nn.functional, "conv3d", counting)
-    with torch.no_grad():
-        run()
-    monkeypatch.undo()
+    torch.nn.functional.conv3d = counting
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        torch.nn.functional.conv3d = conv3d
     return total
 
 
@@ -146,7 +155,7 @@ def _most_held(net: MaskGuidedAutoencoder, direction: str, rows: int, monkeypatc
         append(self, new)
         held[id(self)] = max(held.get(id(self), 0), self.buf.shape[2])
 
-    monkeypatch.setattr(streaming._Window, "append", counting)
+    streaming._Window.append = counting  # type: ignore[method-assign]
     size = (rows * 4, 12, 12)
     pyramid = net.mask_pyramid(labels(size, 5, batch=1), size)
     with torch.no_grad():
@@ -154,8 +163,10 @@ def _most_held(net: MaskGuidedAutoencoder, direction: str, rows: int, monkeypatc
             root = streaming._decoder_stream(net, streaming._TensorRows(torch.randn(1, 4, rows, 3, 3), 1, torch.device("cpu"), torch.float32), pyramid)
         else:
             root = streaming._encoder_stream(net, streaming._TensorRows(torch.rand(1, 1, *size), 4, torch.device("cpu"), torch.float32), pyramid)
-        produced = sum(rows.shape[2] for rows in root)
-    monkeypatch.undo()
+        try:
+            produced = sum(rows.shape[2] for rows in root)
+        finally:
+            streaming._Window.append = append  # type: ignore[method-assign]
     assert produced == root.rows
     windows = [s.window for s in _stages(root) if hasattr(s, "window")]
     assert len(windows) > 10
@@ -225,3 +236,17 @@ def test_pipeline_runs_group_norm_untiled_with_a_warning() -> None:
     from custom_components.data.intensity import unit_to_hu
 
     torch.testing.assert_close(out, unit_to_hu(ref.clamp(-1, 1)), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("least_voxels", [300, 1 << 15])
+def test_gathering_rows_is_exact(least_voxels: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages that gather rows until a convolution call has enough voxels (3 full-resolution rows of 12 x 12 here, or
+    the default, which takes these small volumes whole) compute the same."""
+    monkeypatch.setattr(streaming, "_MIN_VOXELS_PER_CALL", least_voxels)
+    net = random_ae(5)
+    z, mask = torch.randn(1, 4, 9, 3, 3), labels((36, 12, 12), 5, batch=1)
+    with torch.no_grad():
+        ref = net.decode(z, mask)
+        ref_mu, _ = net.encode(ref, mask)
+    torch.testing.assert_close(stream_decode(net, z, mask, slab_rows=1), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(stream_encode(net, ref, mask, slab_rows=1)[0], ref_mu, atol=1e-4, rtol=0)

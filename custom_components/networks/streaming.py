@@ -27,6 +27,7 @@ up to float rounding, with 8 instead of 27 taps per output voxel.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,6 +42,12 @@ from custom_components.networks.autoencoder import _LOGVAR_RANGE, MaskGuidedAuto
 from custom_components.networks.slabs import _conv3d, _phase_kernels
 
 __all__ = ["stream_decode", "stream_encode", "check_streamable"]
+
+
+# A convolution call on fewer output voxels than this wastes time on its fixed costs (a 384-channel latent row of a 32³
+# CT has 64 voxels): stages at coarse levels gather several rows per call. 2**15 voxels is one row of a 181² image,
+# so at 256³ only the latent level (64² per row: 8 rows, 50 MB at 384 channels) and level 1 (2 rows) gather.
+_MIN_VOXELS_PER_CALL = 1 << 15
 
 
 class _Stage:
@@ -138,14 +145,20 @@ class _Buffered(_Stage):
     def __iter__(self) -> Iterator[Tensor]:
         self.window = _Window()
         done = 0
+        least = 0  # output rows per convolution call below which it waits for more input (see _MIN_VOXELS_PER_CALL)
         for rows in self.source:
+            if not least:
+                out_voxels_per_row = rows.shape[3] * rows.shape[4] * (self.rows / self.source.rows) ** 2
+                least = max(1, math.ceil(_MIN_VOXELS_PER_CALL / out_voxels_per_row))
             # At most as many output rows per slab as the input slab makes at this resolution: otherwise, when the
             # last input rows arrive, every stage would emit all its remaining rows (its share of the chain's
             # receptive field, ~40 full-resolution rows at paper widths) as one slab.
-            cap = max(1, -(-rows.shape[2] * self.rows // self.source.rows))
+            cap = max(least, -(-rows.shape[2] * self.rows // self.source.rows))
             self.window.append(rows)
             del rows
             hi = self._ready(self.window.hi, done)
+            if hi < min(done + least, self.rows):
+                continue
             while done < hi:
                 step = min(hi, done + cap)
                 yield self._compute(done, step)
