@@ -81,8 +81,11 @@ class _Map(_Stage):
     def __iter__(self) -> Iterator[Tensor]:
         lo = 0
         for rows in self.source:
-            yield self.fn(rows, lo, lo + rows.shape[2])
-            lo += rows.shape[2]
+            n = rows.shape[2]
+            out = [self.fn(rows, lo, lo + n)]
+            del rows
+            yield out.pop()  # not bound in this frame while suspended: the consumer alone decides when it is freed
+            lo += n
 
 
 class _Window:
@@ -251,7 +254,9 @@ class _Tee(_Stage):
         self.window = _Window()
         for rows in self.source:
             self.window.append(rows)
-            yield rows
+            out = [rows]
+            del rows
+            yield out.pop()
 
 
 def _norm_silu(norm: nn.Module) -> Callable[[Tensor, int, int], Tensor]:
@@ -277,7 +282,9 @@ class _ResBlock(_Stage):
             hi = lo + out.shape[2]
             out += self.block.nin_shortcut(self.x.window.rows(lo, hi, self.rows))
             self.x.window.drop_before(hi)
-            yield out
+            box = [out]
+            del out
+            yield box.pop()
             lo = hi
 
 
