@@ -185,6 +185,42 @@ def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[s
     return out
 
 
+def write_previews(folder: Path, work_dir: Path, maps: list[str], seed: int, cases: tuple[str, ...] = ("ct_small", "heldout_phantom_000")) -> list[Path]:
+    """Per held-out case, a PNG: the real CT with its mask, then each map's generated CT (soft-tissue window)."""
+    from PIL import Image, ImageDraw
+
+    from custom_components.data.preview import render_preview, save_preview
+
+    written = []
+    for case in cases:
+        rows: list[tuple[str, Image.Image]] = []
+        for index, map_name in enumerate(maps):
+            held = work_dir / map_name / "held_out"
+            item = next(i for i in json.loads((held / "datalist.json").read_text())["validation"] if i["case_id"] == case)
+            image = nib.load(str(held / item["image"]))
+            spacing = tuple(float(v) for v in image.header.get_zooms()[:3])
+            labels = np.asarray(nib.load(str(held / item["label"])).dataobj)
+            z0, z1 = item["scored_z"]
+            real = np.asarray(image.dataobj, dtype=np.float32)[..., z0:z1]
+            fake = np.asarray(nib.load(str(work_dir / map_name / f"seed{seed}" / "generated" / case / "ct.nii.gz")).dataobj, dtype=np.float32)[..., z0:z1]
+            grid_labels = _nearest(labels, image.shape)[..., z0:z1]
+            num_classes = int(labels.max()) + 1
+            if index == 0:
+                rows.append(("real CT", render_preview(real, None, num_classes, spacing=spacing, height=160)))
+            rows.append((f"{map_name} map: mask", render_preview(real, grid_labels, num_classes, spacing=spacing, height=160, alpha=0.6)))
+            rows.append((f"{map_name} map: generated", render_preview(fake, None, num_classes, spacing=spacing, height=160)))
+        label_width = 170
+        canvas = Image.new("RGB", (label_width + max(r.width for _, r in rows), sum(r.height + 4 for _, r in rows)), "white")
+        draw = ImageDraw.Draw(canvas)
+        top = 0
+        for name, panel in rows:
+            canvas.paste(panel, (label_width, top))
+            draw.text((6, top + panel.height // 2 - 6), name, fill="black")
+            top += panel.height + 4
+        written.append(save_preview(canvas, folder / f"mask_to_ct_{case}.png"))
+    return written
+
+
 def summarise(per_seed: dict[int, dict[str, dict[str, object]]]) -> dict[str, object]:
     cases = sorted({case for seed in per_seed.values() for case in seed})
     summary: dict[str, object] = {}
@@ -223,6 +259,7 @@ def main() -> None:
     parser.add_argument("--min_voxels", type=int, default=20, help="smallest class (CT voxels) that is scored")
     parser.add_argument("--held_out_ct", type=Path, default=SHARED_EXAMPLE / "ct_small.nii.gz")
     parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
+    parser.add_argument("--previews", type=Path, help="also write PNGs of two held-out cases (real, mask, generated per map, first seed) here")
     parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
     args = parser.parse_args()
     if args.markdown:
@@ -253,6 +290,9 @@ def main() -> None:
         results.update({"max_epochs": args.max_epochs, "steps": args.steps, "seeds": seeds,
                         "autoencoder": str(args.autoencoder_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         results_path.write_text(json.dumps(results, indent=1))
+    if args.previews is not None:
+        for path in write_previews(args.previews, args.work_dir, maps, seeds[0]):
+            print(f"[mask_to_ct] preview {path}", file=sys.stderr)
     print(json.dumps(results, indent=1))
 
 
