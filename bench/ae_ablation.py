@@ -56,25 +56,35 @@ BASELINES = ("pool4", "constant")
 METRICS = ("psnr_lung", "psnr_soft_tissue", "psnr_bone", "mae_hu")
 
 
-def build_data(work_dir: Path, held_out_ct: Path, held_out_seg: Path) -> tuple[Path, Path]:
-    """The demo training data set (phantoms + the example CT without the held-out slices) and the held-out case."""
-    from custom_components.data.demo import build_demo_dataset
+def prepare_held_out_slab(work_dir: Path, held_out_ct: Path, held_out_seg: Path, output: Path, class_map: object = None) -> Path:
+    """Prepare the held-out real CT (TotalSegmentator v2 labels) at the demo's voxel size; returns its datalist.
+
+    30 slices of 3 mm: z = 24 voxels gives about the example CT's z spacing in the demo data; x, y = 64 as in training.
+    """
     from custom_components.data.prepare import PrepareSettings, prepare_dataset
 
-    train_datalist = build_demo_dataset(work_dir / "train_data", val_fraction=0.0, progress=False)
     held_raw = work_dir / "held_out_raw"
     for kind, source in (("images", held_out_ct), ("segmentations", held_out_seg)):
         (held_raw / kind).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, held_raw / kind / "ct_small.nii.gz")
     with open(held_raw / "records.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["case_id", "diagnosis", "tumor_count"], ["ct_small", "no abnormality", "0"]])
-    held = work_dir / "held_out_data"
-    # 30 slices of 3 mm: z = 24 voxels gives about the training data's z spacing; x, y = 64 as in training.
     settings = PrepareSettings(mask_size=(32, 32, 12), image_size=(64, 64, 24), val_fraction=0.0, ts_version="v2")
-    report = prepare_dataset(held_raw / "images", held_raw / "segmentations", held_raw / "records.csv", held, None, None, settings, progress=False)
+    report = prepare_dataset(
+        held_raw / "images", held_raw / "segmentations", held_raw / "records.csv", output,
+        class_map=class_map, settings=settings, progress=False,
+    )  # fmt: skip
     if report.failed:
         raise SystemExit(f"held-out case failed to prepare: {report.failed}")
-    return Path(train_datalist), held / "datalist.json"
+    return output / "datalist.json"
+
+
+def build_data(work_dir: Path, held_out_ct: Path, held_out_seg: Path) -> tuple[Path, Path]:
+    """The demo training data set (phantoms + the example CT without the held-out slices) and the held-out case."""
+    from custom_components.data.demo import build_demo_dataset
+
+    train_datalist = build_demo_dataset(work_dir / "train_data", val_fraction=0.0, progress=False)
+    return Path(train_datalist), prepare_held_out_slab(work_dir, held_out_ct, held_out_seg, work_dir / "held_out_data")
 
 
 def _aekl_config(work_dir: Path) -> Path:

@@ -24,7 +24,6 @@ Usage (prints JSON, writes <work_dir>/results.json; --markdown prints the table)
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -45,7 +44,6 @@ MAPS = ("plain", "body")
 ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
 HELD_OUT_PHANTOM_SEED = 1000
-SLAB_MASK_SIZE, SLAB_IMAGE_SIZE = (32, 32, 12), (64, 64, 24)
 
 
 def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -70,8 +68,8 @@ def _pad_z(path: Path, target: int, out: Path) -> tuple[int, int]:
 def build_data(work_dir: Path, map_name: str, held_out_ct: Path, held_out_seg: Path) -> tuple[Path, Path]:
     """The demo training set and the held-out set (slab + unseen phantoms) of one class map."""
     from custom_components.data.class_map import load_class_map
+    from ae_ablation import prepare_held_out_slab  # the same held-out slab as the autoencoder benchmark (bench/ on sys.path)
     from custom_components.data.demo import build_demo_dataset
-    from custom_components.data.prepare import PrepareSettings, prepare_dataset
 
     body = map_name == "body"
     root = work_dir / map_name
@@ -80,20 +78,8 @@ def build_data(work_dir: Path, map_name: str, held_out_ct: Path, held_out_seg: P
         root / "held_out_phantoms", num_phantoms=3, include_example_ct=False, val_fraction=0.0,
         seed=HELD_OUT_PHANTOM_SEED, progress=False, body_class=body,
     )  # fmt: skip
-    raw = work_dir / "held_out_raw"
-    for kind, source in (("images", held_out_ct), ("segmentations", held_out_seg)):
-        (raw / kind).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, raw / kind / "ct_small.nii.gz")
-    with open(raw / "records.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([["case_id", "diagnosis", "tumor_count"], ["ct_small", "no abnormality", "0"]])
     slab = root / "held_out_slab"
-    settings = PrepareSettings(mask_size=SLAB_MASK_SIZE, image_size=SLAB_IMAGE_SIZE, val_fraction=0.0, ts_version="v2")
-    report = prepare_dataset(
-        raw / "images", raw / "segmentations", raw / "records.csv", slab,
-        class_map=load_class_map(None, body_class=body), settings=settings, progress=False,
-    )  # fmt: skip
-    if report.failed:
-        raise SystemExit(f"held-out slab failed to prepare: {report.failed}")
+    prepare_held_out_slab(work_dir, held_out_ct, held_out_seg, slab, class_map=load_class_map(None, body_class=body))
 
     # one held-out datalist: the slab padded to the generator's mask size, then the unseen phantoms
     train_list = json.loads(Path(train).read_text())
