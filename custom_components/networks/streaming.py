@@ -153,10 +153,10 @@ class _Buffered(_Stage):
             if not least:
                 out_voxels_per_row = rows.shape[3] * rows.shape[4] * (self.rows / self.source.rows) ** 2
                 least = max(1, math.ceil(_MIN_VOXELS_PER_CALL / out_voxels_per_row))
-            # At most as many output rows per slab as the input slab makes at this resolution: otherwise, when the
-            # last input rows arrive, every stage would emit all its remaining rows (its share of the chain's
-            # receptive field, ~40 full-resolution rows at paper widths) as one slab.
-            cap = max(least, -(-rows.shape[2] * self.rows // self.source.rows))
+            # Output rows go on in pieces of ``least`` rows: otherwise a stage would pass on as one slab everything
+            # a large input slab determines (the rows a coarse level gathered, times 2 per upsampling; or, when the
+            # last input rows arrive, all its remaining rows: its share of the chain's receptive field).
+            cap = least
             self.window.append(rows)
             del rows
             hi = self._ready(self.window.hi, done)
