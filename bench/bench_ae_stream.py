@@ -29,12 +29,7 @@ import sys
 import time
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from bench_ae_decode import _rss_bytes  # one resident-set reader for the decode benches (bench/ is on sys.path)
 
 
 def run_case(args: argparse.Namespace) -> dict:
