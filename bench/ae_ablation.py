@@ -200,24 +200,28 @@ def baseline(name: str, image_hu: np.ndarray) -> np.ndarray:
 
 def write_previews(folder: Path, image_hu: np.ndarray, spacing: tuple[float, float, float], rows: dict[str, np.ndarray]) -> list[Path]:
     """One PNG per window: a row per volume (the real CT first), axial / coronal / sagittal, the name on the left."""
-    from PIL import Image, ImageDraw
-
     from custom_components.data.preview import render_preview, save_preview
 
     written = []
     for window_name, window in (("soft_tissue", (-160.0, 240.0)), ("lung", (-1000.0, 200.0))):
         panels = [render_preview(volume, None, 2, spacing=spacing, window=window, height=160) for volume in [image_hu, *rows.values()]]
         names = ["real CT (held out)", *rows]
-        label_width = 150
-        canvas = Image.new("RGB", (label_width + max(p.width for p in panels), sum(p.height + 4 for p in panels)), "white")
-        draw = ImageDraw.Draw(canvas)
-        top = 0
-        for name, panel in zip(names, panels):
-            canvas.paste(panel, (label_width, top))
-            draw.text((6, top + panel.height // 2 - 6), name, fill="black")
-            top += panel.height + 4
-        written.append(save_preview(canvas, folder / f"reconstruction_{window_name}.png"))
+        written.append(save_preview(labelled_rows(list(zip(names, panels)), label_width=150), folder / f"reconstruction_{window_name}.png"))
     return written
+
+
+def labelled_rows(rows: list[tuple[str, "Image.Image"]], label_width: int) -> "Image.Image":
+    """Preview panels stacked top to bottom on white, each with its name in a column on the left."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (label_width + max(panel.width for _, panel in rows), sum(panel.height + 4 for _, panel in rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for name, panel in rows:
+        canvas.paste(panel, (label_width, top))
+        draw.text((6, top + panel.height // 2 - 6), name, fill="black")
+        top += panel.height + 4
+    return canvas
 
 
 def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, object]:

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
+from ldm_alignment import on_grid  # nearest-neighbour label resampling, as the alignment bench does (bench/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLE = REPO.parent / "shared" / "data" / "totalsegmentator_example"
@@ -44,11 +43,6 @@ MAPS = ("plain", "body")
 ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
 HELD_OUT_PHANTOM_SEED = 1000
-
-
-def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    tensor = torch.as_tensor(labels.astype(np.float32))[None, None]
-    return F.interpolate(tensor, size=shape, mode="nearest")[0, 0].numpy().astype(np.int64)
 
 
 def _pad_z(path: Path, target: int, out: Path) -> tuple[int, int]:
@@ -148,7 +142,7 @@ def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[s
     for item in data["validation"]:
         real = np.asarray(nib.load(str(held_list.parent / item["image"])).dataobj, dtype=np.float32)
         fake = np.asarray(nib.load(str(generated / item["case_id"] / "ct.nii.gz")).dataobj, dtype=np.float32)
-        labels = _nearest(np.asarray(nib.load(str(held_list.parent / item["label"])).dataobj), real.shape)
+        labels = on_grid(np.asarray(nib.load(str(held_list.parent / item["label"])).dataobj), real.shape)
         z0, z1 = item["scored_z"]
         real, fake, labels = real[..., z0:z1], fake[..., z0:z1], labels[..., z0:z1]
         organs = {}
@@ -173,8 +167,9 @@ def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[s
 
 def write_previews(folder: Path, work_dir: Path, maps: list[str], seed: int, cases: tuple[str, ...] = ("ct_small", "heldout_phantom_000")) -> list[Path]:
     """Per held-out case, a PNG: the real CT with its mask, then each map's generated CT (soft-tissue window)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
+    from ae_ablation import labelled_rows
     from custom_components.data.preview import render_preview, save_preview
 
     written = []
@@ -189,21 +184,13 @@ def write_previews(folder: Path, work_dir: Path, maps: list[str], seed: int, cas
             z0, z1 = item["scored_z"]
             real = np.asarray(image.dataobj, dtype=np.float32)[..., z0:z1]
             fake = np.asarray(nib.load(str(work_dir / map_name / f"seed{seed}" / "generated" / case / "ct.nii.gz")).dataobj, dtype=np.float32)[..., z0:z1]
-            grid_labels = _nearest(labels, image.shape)[..., z0:z1]
+            grid_labels = on_grid(labels, image.shape)[..., z0:z1]
             num_classes = int(labels.max()) + 1
             if index == 0:
                 rows.append(("real CT", render_preview(real, None, num_classes, spacing=spacing, height=160)))
             rows.append((f"{map_name} map: mask", render_preview(real, grid_labels, num_classes, spacing=spacing, height=160, alpha=0.6)))
             rows.append((f"{map_name} map: generated", render_preview(fake, None, num_classes, spacing=spacing, height=160)))
-        label_width = 170
-        canvas = Image.new("RGB", (label_width + max(r.width for _, r in rows), sum(r.height + 4 for _, r in rows)), "white")
-        draw = ImageDraw.Draw(canvas)
-        top = 0
-        for name, panel in rows:
-            canvas.paste(panel, (label_width, top))
-            draw.text((6, top + panel.height // 2 - 6), name, fill="black")
-            top += panel.height + 4
-        written.append(save_preview(canvas, folder / f"mask_to_ct_{case}.png"))
+        written.append(save_preview(labelled_rows(rows, label_width=170), folder / f"mask_to_ct_{case}.png"))
     return written
 
 
