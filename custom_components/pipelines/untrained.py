@@ -16,7 +16,7 @@ import torch
 
 from custom_components.data.class_map import ClassMap, load_class_map
 
-__all__ = ["PAPER_ARCHITECTURES", "write_untrained_models"]
+__all__ = ["PAPER_ARCHITECTURES", "TINY_ARCHITECTURES", "write_untrained_models"]
 
 # The widths of each bundle's train.yaml (the paper's configuration).
 PAPER_ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -27,6 +27,16 @@ PAPER_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "ldm": {"channels": [64, 128, 256, 512], "num_res_blocks": 2, "cross_attention_levels": [False, True, True, True],
             "self_attention_levels": [False, False, False, True], "num_head_channels": 32, "norm_num_groups": 32,
             "num_queries": 16, "injection_dim": 256, "injection_layers": 2, "injection_heads": 8},
+}
+
+# Overrides of PAPER_ARCHITECTURES small enough for seconds-long smoke runs on a CPU (benchmark dry runs): a 16³ mask,
+# a 32³ CT (8³ latents with 2 channels).
+TINY_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tcss": {"channels": [8, 16], "num_res_blocks": 1, "cross_attention_levels": [False, True], "self_attention_levels": [False, False],
+             "num_head_channels": 8, "norm_num_groups": 4, "num_queries": 4, "injection_dim": 16, "injection_layers": 1, "injection_heads": 2},
+    "autoencoder": {"channels": [8, 8, 16], "num_res_blocks": 1, "latent_channels": 2, "norm_num_groups": 4},
+    "ldm": {"channels": [8, 16], "num_res_blocks": 1, "cross_attention_levels": [False, True], "self_attention_levels": [False, False],
+            "num_head_channels": 8, "norm_num_groups": 4, "num_queries": 4, "injection_dim": 16, "injection_layers": 1, "injection_heads": 2},
 }
 
 
