@@ -7,8 +7,9 @@ terms with the discriminator step, LPIPS off because its VGG weights cannot be d
 a frozen VGG-16 over 3 slices per axis; LDMIteration: ε-MSE of Eq. 11). Batch 1. The random text encoder has
 all-MiniLM-L6-v2's architecture.
 
-Sizes (``--size S``): TCSS masks S³; autoencoder CT patches S³ with S/2³ masks; latent generator latents (S/4)³ with
-S/2³ masks — at S = 64 each stage sees 1/8 of the paper's voxels per axis-cube (paper: 128³ masks, 128³ CT patches of
+Sizes (``--size S``): TCSS masks S³; autoencoder CT patches S³ with S/2³ masks; latent generator latents (S/2)³ with
+S³ masks (before 2026-11-30: (S/4)³ latents with (S/2)³ masks, 1/64 of the paper's voxels at S = 64 while the estimate
+scaled by 8) — at S = 64 each stage sees 1/8 of the paper's voxels per axis-cube (paper: 128³ masks, 128³ CT patches of
 256³ CTs, 64³ latents with 128³ masks). Activation memory grows ~linearly with voxels, weights and optimiser state do
 not, so the paper-size estimate is ``static + 8 · (peak − static)`` (static = memory after the warm-up step: weights,
 gradients and AdamW's moments), reported as ``estimated_paper_peak_gib``; a GPU run at paper size measures it directly.
@@ -17,6 +18,7 @@ Memory: CPU peak resident set above the interpreter's baseline (sampled every 5 
 
 Usage (one JSON line per stage):
     .venv/bin/python bench/bench_training_memory.py --size 64 --stages tcss,autoencoder,ldm
+    python bench/bench_training_memory.py --size 128 --device cuda --amp   # paper size measured directly, AMP on
     python bench/bench_training_memory.py --size 128 --device cuda --random_text_encoder --text_encoder_config DIR
 """
 
@@ -73,9 +75,12 @@ def _current(device: torch.device) -> int:
     return torch.cuda.memory_allocated() if device.type == "cuda" else _rss()
 
 
-def _engine(network: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> SimpleNamespace:
+def _engine(network: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool = False) -> SimpleNamespace:
+    """The parts of MONAI's trainer the iterations read; ``amp`` (CUDA only, as the bundles' trainer) adds its GradScaler."""
     state = SimpleNamespace(iteration=0, device=device, output=None)
-    return SimpleNamespace(network=network, optimizer=optimizer, state=state, amp=False, scaler=None, fire_event=lambda *_: None)
+    amp = bool(amp) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    return SimpleNamespace(network=network, optimizer=optimizer, state=state, amp=amp, scaler=scaler, fire_event=lambda *_: None)
 
 
 def _text_encoder(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -101,6 +106,10 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     n = load_class_map(None).num_classes
+    overrides = getattr(args, "architectures", None) or {}
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    arch = {name: {**PAPER_ARCHITECTURES[name], **overrides.get(name, {})} for name in PAPER_ARCHITECTURES}
     size = args.size
     baseline = _current(device)
     text = _text_encoder(args, device) if stage != "autoencoder" else None
@@ -109,7 +118,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         from custom_components.networks import build_text_conditioned_unet
         from custom_components.schedulers import CategoricalDiffusionScheduler
 
-        network = build_text_conditioned_unet(n, n, text.hidden_size, **PAPER_ARCHITECTURES["tcss"], use_checkpointing=True).to(device)
+        network = build_text_conditioned_unet(n, n, text.hidden_size, **arch["tcss"], use_checkpointing=True).to(device)
         iteration = TCSSIteration(CategoricalDiffusionScheduler(num_train_timesteps=1000, num_classes=n), text)
         batch = {"label": torch.randint(0, n, (1, 1, size, size, size)), "text": ["The patient is a 63-year-old male."]}
     elif stage == "ldm":
@@ -118,23 +127,23 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         from custom_components.engines import LDMIteration
         from custom_components.networks import build_latent_denoiser
 
-        network = build_latent_denoiser(4, n, text.hidden_size, mask_factor=2, **PAPER_ARCHITECTURES["ldm"], use_checkpointing=True).to(device)
+        network = build_latent_denoiser(4, n, text.hidden_size, mask_factor=2, **arch["ldm"], use_checkpointing=True).to(device)
         iteration = LDMIteration(DDPMScheduler(num_train_timesteps=1000, schedule="cosine", clip_sample=False), text, scale_factor=1.0)
-        batch = {"latent": torch.randn(1, 4, size // 4, size // 4, size // 4), "label": torch.randint(0, n, (1, 1, size // 2, size // 2, size // 2)),
+        batch = {"latent": torch.randn(1, 4, size // 2, size // 2, size // 2), "label": torch.randint(0, n, (1, 1, size, size, size)),
                  "text": ["The patient is a 63-year-old male."]}
     else:
         from custom_components.engines import AutoencoderGANIteration
         from custom_components.losses import AdversarialTerms, HDRWindow, build_frame_discriminator, build_volume_discriminator
         from custom_components.networks import MaskGuidedAutoencoder
 
-        network = MaskGuidedAutoencoder(num_classes=n, **PAPER_ARCHITECTURES["autoencoder"], use_checkpointing=True).to(device)
+        network = MaskGuidedAutoencoder(num_classes=n, **arch["autoencoder"], use_checkpointing=True).to(device)
         frame, volume = build_frame_discriminator(channels=64, num_layers_d=3).to(device), build_volume_discriminator(channels=64, num_layers_d=3).to(device)
         window = HDRWindow().to(device)
         iteration = AutoencoderGANIteration(window, frame, volume, _optimizer([*frame.parameters(), *volume.parameters()]), AdversarialTerms(),
                                             perceptual_loss=None, perceptual_weight=0.0, adversarial_start=0)
         batch = {"image": torch.rand(1, 1, size, size, size) * 2 - 1, "label": torch.randint(0, n, (1, 1, size // 2, size // 2, size // 2))}
     optimizer = _optimizer([*network.parameters(), *(window.parameters() if stage == "autoencoder" else [])])
-    engine = _engine(network, optimizer, device)
+    engine = _engine(network, optimizer, device, amp=getattr(args, "amp", False))
     # The first step creates the gradients and AdamW's two moment buffers (3x the weights): they are static too.
     engine.state.iteration = 1
     start = time.perf_counter()
@@ -155,7 +164,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     gib = lambda b: round(b / 2**30, 3)  # noqa: E731
     return {
         "stage": stage, "size": size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "steps": args.steps, "first_step_seconds": round(first_step, 2), "median_step_seconds": round(sorted(times)[len(times) // 2], 2),
+        "steps": args.steps, "amp": engine.amp, "first_step_seconds": round(first_step, 2), "median_step_seconds": round(sorted(times)[len(times) // 2], 2),
         "parameters_m": round(sum(p.numel() for p in network.parameters()) / 1e6, 1),
         "static_gib": gib(static - baseline), "peak_gib": gib(peak - baseline),
         "estimated_paper_peak_gib": gib((static - baseline) + (128 / size) ** 3 * (peak - static)) if size != 128 else gib(peak - baseline),
@@ -171,6 +180,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--random_text_encoder", action="store_true")
     parser.add_argument("--text_encoder_config", default=None)
+    parser.add_argument("--amp", action="store_true", help="mixed precision with a GradScaler (CUDA only, as the trainer's amp)")
+    parser.add_argument("--architectures", default=None, help="JSON stage -> architecture overrides of the paper widths")
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # the per-stage child process
     args = parser.parse_args()
     if args.stage:
