@@ -32,6 +32,8 @@ from .gan import LOGGED_TERMS, AutoencoderGANIteration, loss_terms
 from .iterations import AccumulatingIteration, LDMIteration, TCSSIteration, make_ema
 from .lr_schedules import LR_SCHEDULES, build_lr_scheduler
 from .trainer import GuideGenTrainer
+from .tracking import GuideGenMLFlowHandler, drop_duplicate_trackers, model_requirements, provenance_tags
+from .validation import LossValidation, ReconstructionValidation, ValidationStep, average_of
 
 __all__ = [
     "STAGES",
@@ -70,4 +72,12 @@ __all__ = [
     "ResumeFromLatest",
     "TrainingCheckpointSaver",
     "TrainingProgressBar",
+    "GuideGenMLFlowHandler",
+    "drop_duplicate_trackers",
+    "model_requirements",
+    "provenance_tags",
+    "ValidationStep",
+    "LossValidation",
+    "ReconstructionValidation",
+    "average_of",
 ]

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 
+from custom_components.engines.tracking import drop_duplicate_trackers
+
 __all__ = ["GuideGenTrainer"]
 
 
@@ -16,7 +18,10 @@ class GuideGenTrainer(SupervisedTrainer):
 
     The stage's iteration (see :mod:`custom_components.engines.iterations`) computes its own loss (a
     diffusion KL or noise loss, or a GAN objective), so no ``loss_function`` is taken here. Everything else --
-    handlers, events, DistributedSampler epochs, AMP scaler, ``--tracking mlflow`` -- is MONAI's.
+    handlers, events, DistributedSampler epochs, AMP scaler, ``--tracking mlflow`` -- is MONAI's, except that an
+    MLflow handler ``--tracking mlflow`` appends is dropped when the bundle's own
+    :class:`~custom_components.engines.GuideGenMLFlowHandler` logs to the same place (it would log every loss twice;
+    see :func:`~custom_components.engines.drop_duplicate_trackers`).
 
     Args:
         device: training device.
@@ -53,7 +58,7 @@ class GuideGenTrainer(SupervisedTrainer):
             loss_function=None,  # type: ignore[arg-type]  # the iteration owns the loss
             epoch_length=epoch_length,
             iteration_update=iteration,
-            train_handlers=train_handlers,
+            train_handlers=drop_duplicate_trackers(train_handlers),
             amp=amp,
             **kwargs,
         )
