@@ -176,6 +176,21 @@ def test_guidance_batches_both_passes_into_one_call_and_changes_the_masks(networ
     assert torch.equal(guided, pipeline(PROMPTS, num_inference_steps=6, seed=3, progress=False, guidance_scale=4.0))
 
 
+def test_scale_zero_is_the_unconditional_model_in_one_null_prompt_pass_per_step(network, text_encoder):
+    recording = _Recording(network)
+    pipeline = TCSSPipeline(recording, _scheduler(), text_encoder, SIZE)
+    unconditional = pipeline(PROMPTS, num_inference_steps=6, seed=3, progress=False, guidance_scale=0.0)
+    assert len(recording.calls) == 6
+    assert all(batch == len(PROMPTS) and not mask.any() for batch, mask in recording.calls)
+    # what the doubled-batch loop gives at s = 0 (f_s = f_u), and the prompts no longer matter
+    scheduler = _scheduler()
+    doubled = TCSSPipeline(network, scheduler, text_encoder, SIZE)
+    scheduler.check_guidance_scale = lambda scale: 1e-30  # any s != 1 takes the doubled path; 1e-30 rounds to f_u
+    torch.testing.assert_close(unconditional, doubled(PROMPTS, num_inference_steps=6, seed=3, progress=False, guidance_scale=0.0))
+    other_prompts = pipeline(PROMPTS[::-1], num_inference_steps=6, seed=3, progress=False, guidance_scale=0.0)
+    assert torch.equal(unconditional, other_prompts)
+
+
 def test_the_null_half_is_the_networks_unconditional_pass(network, text_encoder):
     """One step of the guided sampler equals the formula applied to network(prompt) and network(None)."""
     scheduler = _scheduler()

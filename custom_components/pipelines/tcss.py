@@ -8,7 +8,8 @@ Classifier-free guidance (beyond the paper; ``guidance_scale`` s != 1) runs the 
 batch, the prompts and the null prompt, and hands the scheduler the log-space mix
 ``log f_u + s (log f_c - log f_u)`` of the two x_0 predictions
 (:meth:`~custom_components.schedulers.CategoricalDiffusionScheduler.guided_x0_logits`). At s = 1 (the paper) the
-loop is the unguided one: one pass per step on the prompts alone, the same draws and the same masks.
+loop is the unguided one: one pass per step on the prompts alone, the same draws and the same masks; at s = 0 (the
+unconditional model, the baseline a prompt's effect is measured against) one pass per step on the null prompt alone.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class TCSSPipeline:
         self.network.eval()
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         text_features, text_mask = self.text_encoder(list(prompts))
+        if scale == 0.0:
+            # f_0 = f_u: the unconditional model alone, one pass per step on the null prompt (no real token)
+            text_mask = torch.zeros(text_features.shape[:2], dtype=torch.bool, device=text_features.device)
+            guided = False
         if guided:
             # one batched pass: the first half reads the prompts, the second half the null prompt (no real token)
             if text_mask is None:
