@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 TCSS_EPOCHS=${TCSS_EPOCHS:-250}
-AE_EPOCHS=${AE_EPOCHS:-400}  # 5 steps of two 32^3 patches per epoch: 2000 steps, cosine lr (issue 14 recipe)
+AE_EPOCHS=${AE_EPOCHS:-800}  # 5 steps of two 32^3 patches per epoch: 4000 steps, cosine lr (issue 14 recipe)
 LDM_EPOCHS=${LDM_EPOCHS:-300}
 LOG_DIR=${LOG_DIR:-outputs/train_demo}
 mkdir -p "$LOG_DIR"
