@@ -281,9 +281,11 @@ class CrossAttentionUNet3D(nn.Module):
             and cross-attention this many rows of the first spatial axis at a time
             (:mod:`~custom_components.networks.slabs`): same result up to float rounding, a fraction of the memory
             at 128³. None: always the plain forward pass.
-        inference_slab_min_mib: the slab-wise pass is used only when one top-level feature map
-            (batch × ``channels[0]`` × voxels, float32) takes at least this many MiB (128³ × 64 channels: 512 MiB);
-            for smaller volumes the plain pass is faster and its memory small.
+        inference_slab_min_mib: the slab-wise pass is used only when one sample's top-level feature map
+            (``channels[0]`` × voxels, float32) takes at least this many MiB (128³ × 64 channels: 512 MiB); for
+            smaller volumes the plain pass is faster and its memory small. Per sample, not per batch: a batch of
+            small volumes (the demo's 32³ at batch 32) keeps the faster plain pass, whose memory grows with the
+            batch as any batched pass does.
 
     Raises:
         ValueError: for inconsistent level settings, channels not divisible by ``norm_num_groups`` or (at
@@ -566,8 +568,9 @@ class CrossAttentionUNet3D(nn.Module):
 
         # eval mode too: the slab-wise blocks apply no dropout
         rows = self.inference_slab_rows if not (torch.is_grad_enabled() or self.training) else None
-        top_level_mib = x.shape[0] * self.channels[0] * x[0, 0].numel() * 4 / 2**20
-        if rows is not None and top_level_mib >= self.inference_slab_min_mib:
+        # decided per sample: the batch size must not switch a small volume to the slower slab-wise pass
+        sample_top_level_mib = self.channels[0] * x[0, 0].numel() * 4 / 2**20
+        if rows is not None and sample_top_level_mib >= self.inference_slab_min_mib:
             return self._forward_in_slabs(x, emb, ctx, rows)
 
         h = self.conv_in(x.to(dtype))
