@@ -43,7 +43,7 @@ def test_text_encoder_weights_are_checked_with_the_shared_helper(tmp_path: Path,
 
 
 def test_no_other_module_hashes_files() -> None:
-    """hashlib is read only by data/io.py (files) and data/prepare.py (a settings fingerprint, no file)."""
+    """hashlib is read only by data/io.py (file_digest for files, json_digest for settings fingerprints)."""
     users = set()
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -51,4 +51,4 @@ def test_no_other_module_hashes_files() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
             if "hashlib" in names:
                 users.add(path.relative_to(PACKAGE).as_posix())
-    assert users == {"data/io.py", "data/prepare.py"}
+    assert users == {"data/io.py"}

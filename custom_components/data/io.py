@@ -25,6 +25,7 @@ __all__ = [
     "strip_nifti_suffix",
     "find_nifti",
     "file_digest",
+    "json_digest",
     "centred_affine",
     "load_nifti",
     "read_volume",
@@ -72,6 +73,19 @@ def file_digest(path: str | os.PathLike, hash_type: str = "sha256", chunk_bytes:
         for chunk in iter(lambda: handle.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_digest(payload: Any) -> str:
+    """SHA-256 hex digest of a JSON-serialisable value, independent of key order (values JSON cannot hold are
+    written with ``str``): a fingerprint of settings or a class map rather than of a file.
+
+    Args:
+        payload: the value.
+
+    Returns:
+        the lowercase hex digest.
+    """
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:

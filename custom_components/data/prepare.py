@@ -25,7 +25,6 @@ its own case.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ from custom_components.data.io import (
     check_same_grid,
     check_voxel_spacing,
     find_nifti,
+    json_digest,
     load_nifti,
     read_volume,
     save_nifti,
@@ -275,7 +275,7 @@ def _fingerprint(files: Sequence[Path | None], record: Mapping[str, Any], settin
             info = path.stat()
             stats.append([str(path.resolve()), info.st_size, info.st_mtime_ns])
     payload = {"files": stats, "record": record, "settings": asdict(settings), "class_map": class_map.raw}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def _class_counts(labels: np.ndarray, class_map: ClassMap) -> dict[str, int]:

@@ -18,7 +18,6 @@ handler already logging to the same tracking URI and experiment they would log e
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict
 
-from custom_components.data.io import file_digest
+from custom_components.data.io import file_digest, json_digest
 
 __all__ = ["GuideGenMLFlowHandler", "drop_duplicate_trackers", "provenance_tags", "model_requirements"]
 
@@ -81,7 +80,7 @@ def provenance_tags(bundle_root: str | os.PathLike, stage: str, datalist: str | 
     }
     raw = getattr(class_map, "raw", None)
     if raw is not None:
-        tags["guidegen.class_map_sha256"] = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+        tags["guidegen.class_map_sha256"] = json_digest(raw)
     if datalist is not None and Path(datalist).is_file():
         content = json.loads(Path(datalist).read_text())
         tags.update({
