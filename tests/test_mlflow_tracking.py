@@ -37,6 +37,7 @@ def tracked(tmp_path_factory):
         # output_dir as an expression, as in the bundle: `--tracking` builds the executed config's artifact path by
         # appending to this config text, which works for an expression only
         "datalist": str(datalist), "output_dir": f"$'{root / 'out'}'", "ckpt_dir": str(root / "models"),
+        "val_interval": 1,  # train_cpu.yaml validates every 50 epochs; this run checks validation in each of its 3
         "image_size": [16, 16, 16], "patch_size": [16, 16, 16], "max_epochs": EPOCHS, "save_interval": 1,
         "architecture": {"channels": [4, 8], "num_res_blocks": 1, "latent_channels": 2, "norm": "voxel",
                          "norm_num_groups": 4, "use_checkpointing": False},
@@ -102,12 +103,15 @@ def test_provenance_tags(tracked):
     assert tags["guidegen.class_map"] and tags["guidegen.num_classes"] == "20" and len(tags["guidegen.class_map_sha256"]) == 64
 
 
-def test_final_model_is_a_registered_mlflow_model(tracked):
+def test_final_model_is_a_registered_mlflow_model(tracked, monkeypatch):
     import mlflow.pytorch
 
     client, run = tracked["client"], tracked["runs"][0]
     versions = client.search_model_versions("name='guidegen_autoencoder'")
     assert [v.run_id for v in versions] == [run.info.run_id]
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; registered first with monkeypatch, it is removed again
+    # after this test instead of sending every later test's training subprocess to this test's database
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     mlflow.set_tracking_uri(client.tracking_uri)
     network = mlflow.pytorch.load_model(f"models:/guidegen_autoencoder/{versions[0].version}")
     saved = read_model_file(tracked["root"] / "models/model.pt")
