@@ -170,5 +170,7 @@ def test_latent_cache_reuses_and_reencodes(workspace, tmp_path):
 def test_two_process_gloo_training_builds_the_cache_once_and_keeps_ranks_identical(workspace, tmp_path):
     configs = [CONFIGS / "train.yaml", CONFIGS / "train_cpu.yaml", CONFIGS / "multi_gpu_train.yaml"]
     result = run_two_process_training(configs, workspace["tiny"], tmp_path)
-    # only rank 0 encoded the training CTs (the other rank waited and read the manifest)
-    assert len(re.findall(r"encoded \d+ of \d+ training CTs", result.stderr + result.stdout)) == 1
+    # only rank 0 encoded (the other rank waited and read the manifest): the training cache once, the validation
+    # cache (its own folder) once
+    folders = [Path(f).name for f in re.findall(r"encoded \d+ of \d+ CTs into (\S+) ", result.stderr + result.stdout)]
+    assert len(folders) == 2 and folders.count("validation") == 1, folders

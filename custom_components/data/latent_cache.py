@@ -80,7 +80,8 @@ def build_latent_cache(
     cache_dir: str | os.PathLike,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Encode the training CTs once (or reuse what is up to date) and return the cached datalist.
+    """Encode a list's CTs once (or reuse what is up to date) and return the cached datalist (the training list; the
+    validation list in a cache of its own).
 
     Under ``torch.distributed`` only rank 0 encodes; the other ranks wait at a barrier and read the manifest.
 
@@ -103,7 +104,7 @@ def build_latent_cache(
         manifest = _read_manifest(manifest_path)
         if manifest.get("autoencoder_sha256") != sha:
             if manifest:
-                logger.info("autoencoder checkpoint changed: re-encoding every training CT into %s", cache_dir)
+                logger.info("autoencoder checkpoint changed: re-encoding every CT into %s", cache_dir)
             manifest = {"autoencoder_sha256": sha, "autoencoder_path": str(autoencoder_path), "cases": {}}
         cases: dict[str, Any] = manifest["cases"]
         todo = []
@@ -130,7 +131,7 @@ def build_latent_cache(
         manifest["cases"] = cases
         write_json(manifest, manifest_path)
         if todo:
-            logger.info("encoded %d of %d training CTs (the rest were up to date)", len(todo), len(items))
+            logger.info("encoded %d of %d CTs into %s (the rest were up to date)", len(todo), len(items), cache_dir)
     if distributed:
         dist.barrier()
     manifest = _read_manifest(manifest_path)
