@@ -27,6 +27,9 @@ a component's organ is the organ it borders most):
 - ``healthy_layout_l1``: L1 distance between the mean class-fraction vector of healthy prompts' samples and the
   training masks' mean (the class layout must not drift).
 
+``--ceiling`` prints the same scores for every case's own label (what a perfect model could reach at the data set's
+mask size) and exits.
+
 Writes ``<work_dir>/results.json`` and, with ``--previews DIR``, one confusion matrix PNG per variant (prompted organ
 vs organ found, first seed, guidance 1 and the largest scale).
 
@@ -136,11 +139,15 @@ def steering_ratio(histograms: np.ndarray) -> float | None:
     return float(np.mean(between) / max(np.mean(within), 0.05))
 
 
-def score(masks: np.ndarray, records: Sequence[Mapping[str, Any]], class_map: Any) -> dict[str, Any]:
-    """Alignment scores of masks against their records (see the module docstring)."""
+def align(masks: Sequence[np.ndarray], records: Sequence[Mapping[str, Any]], class_map: Any) -> list[Any]:
+    """Each mask's :class:`~custom_components.metrics.alignment.TumorAlignment` with its record."""
     from custom_components.metrics.alignment import tumor_alignment
 
-    alignments = [tumor_alignment(m, r, class_map) for m, r in zip(masks, records)]
+    return [tumor_alignment(m, r, class_map) for m, r in zip(masks, records)]
+
+
+def score(alignments: Sequence[Any], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Alignment scores of masks against their records (see the module docstring), from their alignments."""
     named = [a for a, r in zip(alignments, records) if r.get("tumor_organ")]
     healthy = [a for a, r in zip(alignments, records) if not r.get("tumor_organ") and not r.get("tumor_count")]
     located = [a.location_correct for a in named if a.location_correct is not None]
@@ -158,12 +165,30 @@ def score(masks: np.ndarray, records: Sequence[Mapping[str, Any]], class_map: An
     }
 
 
+def data_ceiling(datalist: Path) -> dict[str, Any]:
+    """What a perfect model could score at this mask size: every case's own label against its record, overall and
+    per tumor organ (location: components in the named organ / cases naming it)."""
+    import nibabel as nib
+
+    from custom_components.data.datalist import load_datalist
+
+    content = load_datalist(str(datalist), splits=["training", "validation"])
+    items = [item for split in ("training", "validation") for item in content[split] if item.get("record")]
+    records = [item["record"] for item in items]
+    alignments = align([np.asarray(nib.load(str(item["label"])).dataobj) for item in items], records, content["class_map"])
+    by_organ: dict[str, list[bool]] = {}
+    for alignment, record in zip(alignments, records):
+        if record.get("tumor_organ"):
+            by_organ.setdefault(record["tumor_organ"], []).append(bool(alignment.location_correct))
+    return {"datalist": str(datalist), "mask_size": content["mask_size"], "labels": score(alignments, records),
+            "located_by_organ": {organ: f"{sum(v)}/{len(v)}" for organ, v in sorted(by_organ.items())}}
+
+
 def evaluate(model: Path, args: argparse.Namespace, content: Mapping[str, Any], previews: Path | None, label: str) -> dict[str, Any]:
     """Sample the steering prompts and held-out records at every guidance scale and score them."""
     import torch
 
     from custom_components.bundles import bundle_config
-    from custom_components.metrics.alignment import tumor_alignment
     from custom_components.metrics.plots import plot_confusion
 
     config = bundle_config("guidegen_tcss", overrides={"device": torch.device("cpu"), "model_path": str(model),
@@ -181,10 +206,11 @@ def evaluate(model: Path, args: argparse.Namespace, content: Mapping[str, Any], 
             for seed in range(args.samples)
         ], axis=1)  # (prompts, seeds, X, Y, Z)
         held = pipeline([item["text"] for item in held_out], num_inference_steps=args.steps, seed=0, progress=False,
-                        guidance_scale=scale).numpy() if held_out else np.zeros((0,))
+                        guidance_scale=scale).numpy() if held_out else None
         seconds = time.perf_counter() - start
         steering_records = [r for r in records for _ in range(args.samples)]
-        alignments = [tumor_alignment(m, r, class_map) for m, r in zip(steering.reshape(-1, *steering.shape[2:]), steering_records)]
+        held_records = [item["record"] for item in held_out]
+        alignments = align(steering.reshape(-1, *steering.shape[2:]), steering_records, class_map)
         histograms = np.stack([location_histogram(a, organs) for a in alignments]).reshape(len(prompts), args.samples, -1)
         ratio = steering_ratio(histograms)
         healthy_fractions = class_fractions(steering[-1], class_map.num_classes).mean(0)
@@ -194,8 +220,8 @@ def evaluate(model: Path, args: argparse.Namespace, content: Mapping[str, Any], 
                 for found in alignment.component_organs:
                     confusion[p, organs.index(found) if found in organs else len(organs)] += 1
         results[f"guidance_{scale:g}"] = {
-            "steering": score(steering.reshape(-1, *steering.shape[2:]), steering_records, class_map),
-            "held_out": score(held, [item["record"] for item in held_out], class_map) if held_out else None,
+            "steering": score(alignments, steering_records),
+            "held_out": score(align(held, held_records, class_map), held_records) if held_out else None,
             "steering_ratio": None if ratio is None else round(ratio, 2),
             "healthy_layout_l1": round(float(np.abs(healthy_fractions - training_mean).sum()), 4),
             "confusion": {"rows": organs, "columns": [*organs, "elsewhere"], "counts": confusion.tolist()},
@@ -222,6 +248,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="TCSS sampling steps")
     parser.add_argument("--previews", type=Path, default=None, help="write confusion matrix PNGs here")
     parser.add_argument("--train_only", action="store_true", help="train (or resume) and exit")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="score every case's own label (training and validation) against its record, per tumor organ, and exit")
     args = parser.parse_args()
     args.guidance = [float(s) for s in args.guidance.split(",")]
     variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
@@ -237,6 +265,9 @@ def main() -> None:
     if args.previews is not None:
         args.previews.mkdir(parents=True, exist_ok=True)
 
+    if args.ceiling:
+        print(json.dumps(data_ceiling(args.datalist)))
+        return
     models = {(name, seed): train(name, seed, args) for name in variants for seed in seeds}
     if args.train_only:
         return
@@ -257,12 +288,9 @@ def main() -> None:
                            "training_cases": len(content["training"]), "held_out_cases": len(content["validation"])}
     # the ceiling at this mask size: the held-out cases' own labels against their records (tumors smaller than a voxel
     # vanish and touching ones merge when the phantoms are resampled, so even the data misses some counts)
-    held_out_items = [item for item in content["validation"] if item.get("record")]
-    from custom_components.data.class_map import load_class_map
-
-    results["held_out_labels"] = score(
-        np.stack([np.asarray(nib.load(str(item["label"])).dataobj) for item in held_out_items]),
-        [item["record"] for item in held_out_items], load_class_map(content["class_map_path"]))
+    held_out_records = [item["record"] for item in content["validation"] if item.get("record")]
+    held_out_labels = [np.asarray(nib.load(str(item["label"])).dataobj) for item in content["validation"] if item.get("record")]
+    results["held_out_labels"] = score(align(held_out_labels, held_out_records, content["class_map"]), held_out_records)
     for (name, seed), model in models.items():
         label = f"{name}_seed{seed}"
         results[label] = evaluate(model, args, content, args.previews if seed == seeds[0] else None, label)
