@@ -229,11 +229,9 @@ class GuideGenMLFlowHandler(MLFlowHandler):
                 self.run_record.write_text(json.dumps({"run_id": self.cur_run.info.run_id,
                                                        "experiment_id": self.experiment.experiment_id}))
             run_id = self.cur_run.info.run_id
-            self._logged_params = dict(self.client.get_run(run_id).data.params)
-            self._logged_until = {
-                key: max(m.step for m in self.client.get_metric_history(run_id, key))
-                for key in self.client.get_run(run_id).data.metrics
-            }
+            logged = self.client.get_run(run_id).data
+            self._logged_params = dict(logged.params)
+            self._logged_until = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in logged.metrics}
             if self.tags:
                 from mlflow.entities import RunTag
 
