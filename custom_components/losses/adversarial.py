@@ -1,4 +1,4 @@
-"""Frame (2D) and volume (3D) patch discriminators for GuideGen's CT autoencoder (paper Eq. 8).
+"""Frame (2D) and volume (3D) patch discriminators for GuideGen's CT autoencoder (paper Eq. 9).
 
 The adversarial part of the autoencoder loss judges realism at two levels: a 2D PatchGAN on planar slices
 (frames, see :func:`custom_components.losses.frames.sample_frames`) and a 3D PatchGAN on the whole volume. The

@@ -5,7 +5,7 @@ style of Hoogeboom et al., "Argmax Flows and Multinomial Diffusion" (NeurIPS 202
 https://arxiv.org/abs/2102.05379. Each voxel holds one of N classes and is corrupted towards the uniform
 distribution:
 
-    q(x_t | x_{t-1}) = Cat(alpha_t e(x_{t-1}) + (1 - alpha_t) / N)
+    q(x_t | x_{t-1}) = Cat(alpha_t e(x_{t-1}) + (1 - alpha_t) / N)                                   (paper Eq. 1)
     q(x_t | x_0)     = Cat(abar_t e(x_0) + (1 - abar_t) / N),        abar_t = prod_{u <= t} alpha_u   (paper Eq. 2)
 
 and the network f_theta(x_t, t, text) predicts a distribution over the clean class x_0. The reverse step is the
