@@ -4,7 +4,9 @@ For each class map (``plain``: GuideGen's 20 classes, where class 0 mixes outsid
 ``body``: the same plus a derived "body" class, ``guidegen prepare --body_class true``) and each seed, the latent
 generator is trained with the bundle's own command (``train.yaml`` + ``train_cpu.yaml``) on the demo data set built
 with that map, on the latents of one given autoencoder (trained on images only, so it serves both maps). Each trained
-generator then turns held-out masks into CTs with the bundle's own inference command:
+generator then turns held-out masks into CTs with the bundle's own inference command. Each (map, seed) is trained
+once per ``--prediction_types`` entry (the bundle's ``prediction_type`` key: the paper's ``epsilon`` noise target, or
+``v_prediction``), side by side on the same data and autoencoder:
 
 * ``ct_small``: slices 82-111 of the example CT (held out of the demo data set) with its TotalSegmentator v2 labels,
   prepared at the demo's voxel size (64 x 64 x 24 CT, 32 x 32 x 12 mask) and padded along z to the generator's
@@ -18,7 +20,7 @@ held-out case, so both maps are scored on the same voxels); it passes within +-6
 
 Usage (prints JSON, writes <work_dir>/results.json; --markdown prints the table):
     .venv/bin/python bench/mask_to_ct.py --work_dir /tmp/mask_to_ct --autoencoder_path AE.pt --seeds 0,1,2 \
-        --maps body,plain --max_epochs 300 --threads 1
+        --maps body,plain --prediction_types epsilon,v_prediction --max_epochs 300 --threads 1
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ TRAIN_CONFIGS = ["bundles/guidegen_ldm/configs/train.yaml", "bundles/guidegen_ld
 MAPS = ("plain", "body")
 ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 HELD_OUT_PHANTOM_SEED = 1000
 
 
@@ -107,9 +110,16 @@ def _run(command: list[str], log: Path, threads: int) -> None:
         raise SystemExit(f"{' '.join(command[:6])} ... failed (exit {result.returncode}); see {log}")
 
 
-def train_and_generate(map_name: str, seed: int, args: argparse.Namespace, train_list: Path, held_list: Path) -> tuple[Path, float]:
+def run_folder(work_dir: Path, map_name: str, prediction: str, seed: int) -> Path:
+    """Where one generator (class map, prediction type, seed) is trained and its CTs are written."""
+    return work_dir / map_name / prediction / f"seed{seed}"
+
+
+def train_and_generate(
+    map_name: str, prediction: str, seed: int, args: argparse.Namespace, train_list: Path, held_list: Path
+) -> tuple[Path, float]:
     """Train one generator (resumable; skipped when done) and generate CTs for the held-out masks."""
-    folder = args.work_dir / map_name / f"seed{seed}"
+    folder = run_folder(args.work_dir, map_name, prediction, seed)
     model, timing = folder / "models" / "model.pt", folder / "train_seconds.txt"
     folder.mkdir(parents=True, exist_ok=True)
     if not (model.is_file() and timing.is_file()):
@@ -117,7 +127,8 @@ def train_and_generate(map_name: str, seed: int, args: argparse.Namespace, train
         _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIGS),
               "--datalist", str(train_list), "--autoencoder_path", str(args.autoencoder_path),
               "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
-              "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--resume", "True"], folder / "train.log", args.threads)
+              "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--prediction_type", prediction,
+              "--resume", "True"], folder / "train.log", args.threads)
         timing.write_text(f"{time.perf_counter() - start:.1f}\n")
     generated = folder / "generated"
     if not (generated / "done").is_file():
@@ -165,8 +176,11 @@ def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[s
     return out
 
 
-def write_previews(folder: Path, work_dir: Path, maps: list[str], seed: int, cases: tuple[str, ...] = ("ct_small", "heldout_phantom_000")) -> list[Path]:
-    """Per held-out case, a PNG: the real CT with its mask, then each map's generated CT (soft-tissue window)."""
+def write_previews(
+    folder: Path, work_dir: Path, runs: list[tuple[str, str]], seed: int,
+    cases: tuple[str, ...] = ("ct_small", "heldout_phantom_000"),
+) -> list[Path]:
+    """Per held-out case, a PNG: the real CT, then per (class map, prediction type) run its mask and generated CT."""
     from PIL import Image
 
     from ae_ablation import labelled_rows
@@ -175,7 +189,7 @@ def write_previews(folder: Path, work_dir: Path, maps: list[str], seed: int, cas
     written = []
     for case in cases:
         rows: list[tuple[str, Image.Image]] = []
-        for index, map_name in enumerate(maps):
+        for index, (map_name, prediction) in enumerate(runs):
             held = work_dir / map_name / "held_out"
             item = next(i for i in json.loads((held / "datalist.json").read_text())["validation"] if i["case_id"] == case)
             image = nib.load(str(held / item["image"]))
@@ -183,13 +197,14 @@ def write_previews(folder: Path, work_dir: Path, maps: list[str], seed: int, cas
             labels = np.asarray(nib.load(str(held / item["label"])).dataobj)
             z0, z1 = item["scored_z"]
             real = np.asarray(image.dataobj, dtype=np.float32)[..., z0:z1]
-            fake = np.asarray(nib.load(str(work_dir / map_name / f"seed{seed}" / "generated" / case / "ct.nii.gz")).dataobj, dtype=np.float32)[..., z0:z1]
+            generated = run_folder(work_dir, map_name, prediction, seed) / "generated" / case / "ct.nii.gz"
+            fake = np.asarray(nib.load(str(generated)).dataobj, dtype=np.float32)[..., z0:z1]
             grid_labels = on_grid(labels, image.shape)[..., z0:z1]
             num_classes = int(labels.max()) + 1
             if index == 0:
                 rows.append(("real CT", render_preview(real, None, num_classes, spacing=spacing, height=160)))
             rows.append((f"{map_name} map: mask", render_preview(real, grid_labels, num_classes, spacing=spacing, height=160, alpha=0.6)))
-            rows.append((f"{map_name} map: generated", render_preview(fake, None, num_classes, spacing=spacing, height=160)))
+            rows.append((f"{map_name}, {prediction}", render_preview(fake, None, num_classes, spacing=spacing, height=160)))
         written.append(save_preview(labelled_rows(rows, label_width=170), folder / f"mask_to_ct_{case}.png"))
     return written
 
@@ -209,7 +224,7 @@ def summarise(per_seed: dict[int, dict[str, dict[str, object]]]) -> dict[str, ob
 
 def markdown(results: dict[str, object]) -> str:
     lines = [
-        "| class map | held-out case | organs within ±50 HU (median [min, max] over seeds) | abs. error, unlabelled body tissue (HU) |",
+        "| class map, prediction | held-out case | organs within ±50 HU (median [min, max] over seeds) | abs. error, unlabelled body tissue (HU) |",
         "| --- | --- | --- | --- |",
     ]
     for map_name, entry in results["maps"].items():
@@ -226,6 +241,8 @@ def main() -> None:
     parser.add_argument("--autoencoder_path", type=Path, help="an autoencoder trained on images only (mask_input false)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--maps", default="body,plain", help="comma-separated subset of: " + ", ".join(MAPS))
+    parser.add_argument("--prediction_types", default="epsilon,v_prediction",
+                        help="comma-separated: what the generator predicts (the bundle's prediction_type key), one run per type")
     parser.add_argument("--max_epochs", type=int, default=300)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--threads", type=int, default=2)
@@ -240,8 +257,11 @@ def main() -> None:
         return
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    predictions = [p.strip() for p in args.prediction_types.split(",") if p.strip()]
     if [m for m in maps if m not in MAPS] or not seeds or args.max_epochs < 1 or args.threads < 1 or args.steps < 1:
         parser.error(f"--maps from {MAPS}, >= 1 seed, --max_epochs/--threads/--steps >= 1")
+    if not predictions or [p for p in predictions if p not in PREDICTION_TYPES]:
+        parser.error(f"--prediction_types {args.prediction_types!r}: a comma-separated subset of {PREDICTION_TYPES}")
     if args.autoencoder_path is None or not args.autoencoder_path.is_file():
         parser.error(f"--autoencoder_path {args.autoencoder_path}: not a file (train one with bench/ae_ablation.py or scripts/train_demo.sh)")
     for path in (args.held_out_ct, args.held_out_seg):
@@ -251,20 +271,21 @@ def main() -> None:
     args.autoencoder_path = args.autoencoder_path.resolve()
     results_path = args.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"maps": {}}
-    for map_name in maps:
+    runs = [(map_name, prediction) for map_name in maps for prediction in predictions]
+    for map_name, prediction in runs:
         train_list, held_list = build_data(args.work_dir, map_name, args.held_out_ct, args.held_out_seg)
         per_seed = {}
         for seed in seeds:
-            generated, seconds = train_and_generate(map_name, seed, args, train_list, held_list)
+            generated, seconds = train_and_generate(map_name, prediction, seed, args, train_list, held_list)
             per_seed[seed] = score(held_list, generated, args.min_voxels)
-            print(f"[mask_to_ct] {map_name} seed {seed} ({seconds:.0f} s): "
+            print(f"[mask_to_ct] {map_name} {prediction} seed {seed} ({seconds:.0f} s): "
                   + json.dumps({c: (v["organ_pass_fraction"], v["body_error"]) for c, v in per_seed[seed].items()}), file=sys.stderr, flush=True)
-        results["maps"][map_name] = {"per_seed": per_seed, "summary": summarise(per_seed)}
+        results["maps"][f"{map_name}, {prediction}"] = {"per_seed": per_seed, "summary": summarise(per_seed)}
         results.update({"max_epochs": args.max_epochs, "steps": args.steps, "seeds": seeds,
                         "autoencoder": str(args.autoencoder_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         results_path.write_text(json.dumps(results, indent=1))
     if args.previews is not None:
-        for path in write_previews(args.previews, args.work_dir, maps, seeds[0]):
+        for path in write_previews(args.previews, args.work_dir, runs, seeds[0]):
             print(f"[mask_to_ct] preview {path}", file=sys.stderr)
     print(json.dumps(results, indent=1))
 

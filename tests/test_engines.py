@@ -202,3 +202,36 @@ def test_ldm_iteration_scales_cached_latents_and_encodes_images_on_the_fly():
                         torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=0.0), iteration).run()
     with pytest.raises(GuideGenInputError, match="text_dropout"):
         LDMIteration(scheduler, _ZeroText(), scale_factor=1.0, text_dropout=1.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ldm_iteration_trains_towards_the_scheduler_prediction_type(prediction_type):
+    from monai.networks.schedulers import DDPMScheduler
+
+    from custom_components.engines import LDMIteration
+
+    torch.manual_seed(0)
+    scheduler = DDPMScheduler(num_train_timesteps=10, schedule="cosine", clip_sample=False, prediction_type=prediction_type)
+    z0 = torch.randn(1, 2, 4, 4, 4) + 3.0  # an offset keeps the three targets far apart
+    batch = {"latent": z0, "label": torch.zeros(1, 1, 4, 4, 4, dtype=torch.long), "text": ["p"]}
+    network = _RecordingDenoiser()
+    iteration = LDMIteration(scheduler, _ZeroText(), scale_factor=1.0, text_dropout=0.0)
+    trainer = GuideGenTrainer("cpu", 1, [batch], network, torch.optim.SGD(network.parameters(), lr=0.0), iteration)
+    trainer.run()
+    z_t, t = network.calls[0]["z_t"], network.calls[0]["t"]
+    abar = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+    noise = (z_t - abar.sqrt() * z0) / (1 - abar).sqrt()
+    target = {"epsilon": noise, "sample": z0, "v_prediction": abar.sqrt() * noise - (1 - abar).sqrt() * z0}[prediction_type]
+    # the network predicts zero, so the loss is the mean square of the target it is trained towards
+    assert float(trainer.state.output[0]["loss"]) == pytest.approx(float((target**2).mean()), rel=1e-4)
+
+
+def test_ldm_iteration_refuses_an_unknown_prediction_type():
+    from custom_components.engines import LDMIteration
+
+    class _Scheduler:
+        prediction_type = "x_prev"
+        num_train_timesteps = 10
+
+    with pytest.raises(GuideGenInputError, match="prediction_type 'x_prev'"):
+        LDMIteration(_Scheduler(), _ZeroText(), scale_factor=1.0)

@@ -297,8 +297,17 @@ def _voxel_class_weights(
     return weights.float()
 
 
+# What the latent generator may be trained to predict (MONAI DDPMPredictionType values).
+_LDM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 class LDMIteration(AccumulatingIteration):
-    """One latent-generator training step (paper Eq. 11): ε-prediction loss ``|ε − ε_θ(z_t ⊕ mask, t, text)|²``.
+    """One latent-generator training step (paper Eq. 11): ``|y − f_θ(z_t ⊕ mask, t, text)|²``.
+
+    The target ``y`` follows the scheduler's ``prediction_type``: ``epsilon`` is the paper's noise ``ε``;
+    ``v_prediction`` is the velocity ``v = √ᾱ_t ε − √(1 − ᾱ_t) z_0`` (Salimans & Ho 2022), which near ``t = T``
+    asks the network for ``z_0`` itself instead of an ε whose error the sampler divides by ``√ᾱ_t ≈ 0.03``;
+    ``sample`` is ``z_0``.
 
     ``z_0`` is the CT's latent mean times the scale factor, taken from the batch (pre-encoded cache) or, when an
     autoencoder is given and the batch has no latent, encoded on the fly (frozen, no gradients). The prompt is
@@ -306,7 +315,8 @@ class LDMIteration(AccumulatingIteration):
     branch of classifier-free guidance.
 
     Args:
-        scheduler: a MONAI ``DDPMScheduler`` (cosine, 1000 steps, ``clip_sample=False``) providing ``add_noise``.
+        scheduler: a MONAI ``DDPMScheduler`` (cosine, 1000 steps, ``clip_sample=False``) providing ``add_noise``,
+            ``get_velocity`` and the ``prediction_type`` the network is trained for.
         text_encoder: frozen prompt encoder returning (features, mask).
         scale_factor: latent scale factor (1 / std of the training latents).
         autoencoder: frozen :class:`~custom_components.networks.MaskGuidedAutoencoder` for on-the-fly encoding
@@ -332,6 +342,12 @@ class LDMIteration(AccumulatingIteration):
         super().__init__(**kwargs)
         if not 0 <= text_dropout < 1:
             raise GuideGenInputError(f"text_dropout = {text_dropout} must be in [0, 1)")
+        prediction_type = str(getattr(scheduler, "prediction_type", "epsilon"))
+        if prediction_type not in _LDM_PREDICTION_TYPES:
+            raise GuideGenInputError(
+                f"scheduler prediction_type {prediction_type!r} is not one of {_LDM_PREDICTION_TYPES}; set the "
+                "latent generator's prediction_type key to one of them"
+            )
         if not scale_factor > 0:
             raise GuideGenInputError(f"scale_factor = {scale_factor} must be > 0")
         self.scheduler = scheduler
@@ -364,5 +380,14 @@ class LDMIteration(AccumulatingIteration):
         keep = torch.rand(z0.shape[0], device=device) >= self.text_dropout
         with torch.autocast(device_type=device.type, enabled=bool(engine.amp)):
             prediction = engine.network(z_t, timesteps, mask, text_features, text_mask, text_keep=keep)
-        loss = F.mse_loss(prediction.float(), noise)
+        loss = F.mse_loss(prediction.float(), self._target(z0, noise, timesteps))
         return loss, {"timesteps": timesteps.detach()}
+
+    def _target(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to predict under the scheduler's ``prediction_type``."""
+        kind = str(getattr(self.scheduler, "prediction_type", "epsilon"))
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(z0, noise, timesteps)
+        if kind == "sample":
+            return z0
+        return noise
