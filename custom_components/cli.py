@@ -164,7 +164,7 @@ def demo_data(
 
 def _checked_generation(
     prompt: str | None, prompts: str | None, record: Any, num_samples: Any, seed: Any, tcss_steps: Any, ldm_steps: Any,
-    guidance_scale: Any, mask: str | None, output_dir: str, device: str, tcss_model: str | None, ldm_model: str | None,
+    guidance_scale: Any, tcss_guidance_scale: Any, mask: str | None, output_dir: str, device: str, tcss_model: str | None, ldm_model: str | None,
     autoencoder_model: str | None, text_encoder_path: str | None, class_map: str | None, decode_tile: Any,
     keep_models_loaded: Any,
 ) -> GenerationRun:
@@ -179,7 +179,7 @@ def _checked_generation(
     from custom_components.pipelines.generate import GenerationSettings, check_generation
 
     settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
-                                  guidance_scale=guidance_scale, mask_file=str(Path(mask).resolve()) if mask else None)
+                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale, mask_file=str(Path(mask).resolve()) if mask else None)
     requests, problems = load_requests(prompt=prompt, prompts_file=prompts, record=record,
                                        class_names=load_class_map(class_map).class_names)
     for problem in problems:
@@ -213,6 +213,7 @@ def generate(
     tcss_steps: int = 50,
     ldm_steps: int = 50,
     guidance_scale: float = 1.0,
+    tcss_guidance_scale: float = 1.0,
     mask: str | None = None,
     device: str = "auto",
     tcss_model: str | None = None,
@@ -249,6 +250,8 @@ def generate(
         tcss_steps: stage 1 (mask) reverse diffusion steps (1..1000; exact strided jumps).
         ldm_steps: stage 3 (latent) DDIM steps.
         guidance_scale: stage 3 classifier-free guidance (1 = plain conditional sampling).
+        tcss_guidance_scale: stage 1 (mask) classifier-free guidance, beyond the paper: 1 = the paper's sampler, 0 = the
+            unconditional model, > 1 = the prompt's tumor organ and count weigh more (one extra network pass per step).
         mask: a mask NIfTI to use instead of generating one (skips stage 1); it must have the generator's mask size and
             the models' class map.
         device: auto (GPU when present), cpu, cuda, cuda:1, ...
@@ -269,7 +272,8 @@ def generate(
     from custom_components.pipelines.generate import execute_generation
 
     overwrite = _switch(overwrite, "overwrite")
-    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir,
+    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, tcss_guidance_scale,
+                              mask, output_dir,
                               device, tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile,
                               keep_models_loaded)
     report = execute_generation(run, overwrite=overwrite)
@@ -325,6 +329,7 @@ def synthesize(
         tcss_steps: stage 1 steps.
         ldm_steps: stage 3 DDIM steps.
         guidance_scale: stage 3 classifier-free guidance.
+        tcss_guidance_scale: stage 1 (mask) classifier-free guidance (see `guidegen generate --help`).
         num_workers: local worker processes (ignored under torchrun, where each rank is a worker).
         dataset_id: nnU-Net dataset ID (1..999).
         dataset_name: nnU-Net dataset name.
@@ -355,7 +360,8 @@ def synthesize(
     dataset_id = int(dataset_id)
     num_workers = whole_number(num_workers, "num_workers", minimum=1)
     overwrite = _switch(overwrite, "overwrite")
-    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, mask, output_dir,
+    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, tcss_guidance_scale,
+                              mask, output_dir,
                               device, tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile,
                               keep_models_loaded)
     classes = load_class_map(class_map)

@@ -276,6 +276,7 @@ CASES = [
     BadInput("generate-guidance-nan", _generate("--guidance_scale", "nan"), _fixed("--guidance_scale nan", "finite")),
     BadInput("generate-guidance-inf", _generate("--guidance_scale", "inf"), _fixed("--guidance_scale inf", "finite")),
     BadInput("generate-guidance-text", _generate("--guidance_scale", "strong"), _fixed("--guidance_scale 'strong'", "a number")),
+    BadInput("generate-tcss-guidance-negative", _generate("--tcss_guidance_scale", "-1"), _fixed("--tcss_guidance_scale -1", "at least 0")),
     BadInput("generate-prompt-number", _generate("--prompt", "123", prompt=False), _fixed("--prompt '123'", "describe the patient")),
     BadInput("generate-no-prompt", _generate(prompt=False), _fixed("exactly one of --prompt")),
     BadInput("generate-prompt-file-missing", _generate("--prompts", "{root}/none.txt", prompt=False), _fixed("{root}/none.txt", "not found")),

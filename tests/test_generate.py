@@ -100,6 +100,40 @@ def test_generate_writes_complete_pairs_and_same_seed_gives_identical_bytes(tiny
     assert (tmp_path / "c/sample_00000/ct.nii.gz").read_bytes() != first["sample_00000/ct.nii.gz"]
 
 
+def test_tcss_guidance_scale_reaches_stage_one_and_is_recorded(tiny_models, tmp_path):
+    runs = {}
+    for name, scale in (("plain", None), ("unconditional", "0")):
+        extra = [] if scale is None else ["--tcss_guidance_scale", scale]
+        guidegen("generate", "--prompt", PROMPT, "--output_dir", str(tmp_path / name), *STEPS, *extra, *_models(tiny_models),
+                 cwd=tmp_path, check=True)
+        folder = tmp_path / name / "sample_00000"
+        runs[name] = (json.loads((folder / "record.json").read_text()), (folder / "mask_native.nii.gz").read_bytes())
+    assert runs["plain"][0]["tcss_guidance_scale"] == 1.0 and runs["unconditional"][0]["tcss_guidance_scale"] == 0.0
+
+
+def test_text_to_pair_hands_the_tcss_guidance_scale_to_stage_one():
+    from custom_components.pipelines.text_to_pair import TextToPairPipeline
+
+    class _RecordingTCSS:
+        def __init__(self) -> None:
+            self.kwargs: dict = {}
+
+        def __call__(self, prompts, **kwargs):
+            self.kwargs = kwargs
+            raise _Stop
+
+    class _Stop(Exception):
+        pass
+
+    tcss = _RecordingTCSS()
+    pipeline = TextToPairPipeline.__new__(TextToPairPipeline)
+    pipeline.tcss, pipeline.residency = tcss, None
+    pipeline.activate_stage = lambda name: None
+    with pytest.raises(_Stop):
+        pipeline(PROMPT, seed=3, tcss_steps=7, tcss_guidance_scale=2.5, progress=False)
+    assert tcss.kwargs == {"num_inference_steps": 7, "seed": 3, "progress": False, "guidance_scale": 2.5}
+
+
 def test_generate_with_mask_skips_stage_one(tiny_models, tmp_path):
     labels = np.zeros((16, 16, 16), np.uint8)
     labels[4:12, 4:12, 4:12] = 4

@@ -82,6 +82,8 @@ class GenerationSettings:
         tcss_steps: stage 1 reverse steps.
         ldm_steps: stage III DDIM steps.
         guidance_scale: stage III classifier-free guidance scale.
+        tcss_guidance_scale: stage 1 classifier-free guidance scale (beyond the paper; 1: none, > 1: the prompt's
+            tumor fields weigh more); unused with ``mask_file``.
         mask_file: a given mask (mask-conditioned mode; stage 1 skipped), or None.
     """
 
@@ -90,6 +92,7 @@ class GenerationSettings:
     tcss_steps: int = 50
     ldm_steps: int = 50
     guidance_scale: float = 1.0
+    tcss_guidance_scale: float = 1.0
     mask_file: str | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +102,7 @@ class GenerationSettings:
         object.__setattr__(self, "tcss_steps", whole_number(self.tcss_steps, "tcss_steps", minimum=1))
         object.__setattr__(self, "ldm_steps", whole_number(self.ldm_steps, "ldm_steps", minimum=1))
         object.__setattr__(self, "guidance_scale", real_number(self.guidance_scale, "guidance_scale"))
+        object.__setattr__(self, "tcss_guidance_scale", real_number(self.tcss_guidance_scale, "tcss_guidance_scale", minimum=0.0))
 
 
 @dataclass(frozen=True)
@@ -342,6 +346,7 @@ def _write_sample(pair: Any, sample: PlannedSample, settings: GenerationSettings
             "tcss_steps": None if settings.mask_file else int(settings.tcss_steps),
             "ldm_steps": int(settings.ldm_steps),
             "guidance_scale": float(settings.guidance_scale),
+            "tcss_guidance_scale": None if settings.mask_file else float(settings.tcss_guidance_scale),
             "mask_from": settings.mask_file or "stage 1 (TCSS)",
             "mask_shape": list(pair.mask.shape),
             "mask_spacing_mm": [float(v) for v in nib.affines.voxel_sizes(pair.mask_affine)],
@@ -400,7 +405,7 @@ def _make_sample(pipeline: Any, sample: PlannedSample, output_dir: Path, setting
                  mask: np.ndarray | None, mask_affine: np.ndarray | None, progress: bool) -> None:
     """Generate one sample into ``.partial/<id>/`` and rename it into place (the caller holds its claim)."""
     pair = pipeline(sample.request.prompt, seed=sample.seed, tcss_steps=settings.tcss_steps, ldm_steps=settings.ldm_steps,
-                    guidance_scale=settings.guidance_scale, mask=mask, mask_affine=mask_affine, progress=progress)
+                    guidance_scale=settings.guidance_scale, tcss_guidance_scale=settings.tcss_guidance_scale, mask=mask, mask_affine=mask_affine, progress=progress)
     partial = output_dir / _PARTIAL / sample.sample_id
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
     partial.mkdir(parents=True)

@@ -116,6 +116,7 @@ class TextToPairPipeline:
         tcss_steps: int = 50,
         ldm_steps: int = 50,
         guidance_scale: float = 1.0,
+        tcss_guidance_scale: float = 1.0,
         mask: np.ndarray | None = None,
         mask_affine: np.ndarray | None = None,
         progress: bool = True,
@@ -128,6 +129,8 @@ class TextToPairPipeline:
             tcss_steps: stage 1 reverse steps (strided, exact jumps).
             ldm_steps: stage III DDIM steps.
             guidance_scale: stage III classifier-free guidance (1: plain conditional).
+            tcss_guidance_scale: stage 1 classifier-free guidance (1: the paper's sampler; see
+                :class:`~custom_components.pipelines.TCSSPipeline`); unused with ``mask``.
             mask: a mask to use instead of sampling one (checked with :meth:`check_mask` by the caller).
             mask_affine: the given mask's affine (default: centred on the origin with ``mask_spacing_mm``).
             progress: progress bars over the steps.
@@ -139,7 +142,8 @@ class TextToPairPipeline:
             if self.tcss is None:
                 raise GuideGenInputError("this pipeline was built without the TCSS model: pass a mask")
             self.activate_stage("tcss")
-            mask = self.tcss([prompt], num_inference_steps=int(tcss_steps), seed=int(seed), progress=progress)[0].numpy()
+            mask = self.tcss([prompt], num_inference_steps=int(tcss_steps), seed=int(seed), progress=progress,
+                             guidance_scale=float(tcss_guidance_scale))[0].numpy()
         mask = np.asarray(mask, dtype=np.int64)
         if mask_affine is None:
             mask_affine = centred_affine(mask.shape, self.mask_spacing_mm)
