@@ -294,6 +294,7 @@ def synthesize(
     tcss_steps: int = 50,
     ldm_steps: int = 50,
     guidance_scale: float = 1.0,
+    tcss_guidance_scale: float = 1.0,
     num_workers: int = 1,
     dataset_id: int = 501,
     dataset_name: str = "GuideGen",

@@ -301,6 +301,7 @@ CASES = [
     BadInput("synthesize-num_workers-fraction", _synthesize("--num_workers", "1.5"), _fixed("--num_workers 1.5", "whole number")),
     BadInput("synthesize-tcss_steps-above-schedule", _synthesize("--tcss_steps", "5000"), _fixed("--tcss_steps 5000", "1..1000")),
     BadInput("synthesize-guidance-nan", _synthesize("--guidance_scale", "nan"), _fixed("--guidance_scale nan", "finite")),
+    BadInput("synthesize-tcss-guidance-text", _synthesize("--tcss_guidance_scale", "strong"), _fixed("--tcss_guidance_scale 'strong'", "a number")),
     # evaluate
     BadInput("evaluate-misspelt-reference", _evaluate("--refrence", "x"), _fixed("--refrence (did you mean --reference?)")),
     BadInput("evaluate-generated-missing", _evaluate("--generated", "{root}/none", generated=False), _fixed("--generated {root}/none", "not found")),
