@@ -36,6 +36,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.networks.schedulers.ddpm import DDPMPredictionType
 from ldm_alignment import on_grid  # nearest-neighbour label resampling, as the alignment bench does (bench/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ TRAIN_CONFIGS = ["bundles/guidegen_ldm/configs/train.yaml", "bundles/guidegen_ld
 MAPS = ("plain", "body")
 ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = tuple(str(kind) for kind in DDPMPredictionType)  # the bundle's prediction_type values
 HELD_OUT_PHANTOM_SEED = 1000
 
 

@@ -164,9 +164,9 @@ def demo_data(
 
 def _checked_generation(
     prompt: str | None, prompts: str | None, record: Any, num_samples: Any, seed: Any, tcss_steps: Any, ldm_steps: Any,
-    guidance_scale: Any, tcss_guidance_scale: Any, mask: str | None, output_dir: str, device: str, tcss_model: str | None, ldm_model: str | None,
-    autoencoder_model: str | None, text_encoder_path: str | None, class_map: str | None, decode_tile: Any,
-    keep_models_loaded: Any,
+    guidance_scale: Any, tcss_guidance_scale: Any, mask: str | None, output_dir: str, device: str,
+    tcss_model: str | None, ldm_model: str | None, autoencoder_model: str | None, text_encoder_path: str | None,
+    class_map: str | None, decode_tile: Any, keep_models_loaded: Any,
 ) -> GenerationRun:
     """Shared front of generate/synthesize: the settings, the requests and :func:`check_generation` (every check of
     the input), before any model is loaded or anything written.
@@ -179,7 +179,8 @@ def _checked_generation(
     from custom_components.pipelines.generate import GenerationSettings, check_generation
 
     settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
-                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale, mask_file=str(Path(mask).resolve()) if mask else None)
+                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale,
+                                  mask_file=str(Path(mask).resolve()) if mask else None)
     requests, problems = load_requests(prompt=prompt, prompts_file=prompts, record=record,
                                        class_names=load_class_map(class_map).class_names)
     for problem in problems:
@@ -272,10 +273,9 @@ def generate(
     from custom_components.pipelines.generate import execute_generation
 
     overwrite = _switch(overwrite, "overwrite")
-    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, tcss_guidance_scale,
-                              mask, output_dir,
-                              device, tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile,
-                              keep_models_loaded)
+    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale,
+                              tcss_guidance_scale, mask, output_dir, device, tcss_model, ldm_model, autoencoder_model,
+                              text_encoder_path, class_map, decode_tile, keep_models_loaded)
     report = execute_generation(run, overwrite=overwrite)
     print(f"generated {len(report['generated'])}, already there {len(report['skipped'])}: {run.output_dir}", file=sys.stderr)
     _report_broken_rows(run.problems)
@@ -361,10 +361,9 @@ def synthesize(
     dataset_id = int(dataset_id)
     num_workers = whole_number(num_workers, "num_workers", minimum=1)
     overwrite = _switch(overwrite, "overwrite")
-    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale, tcss_guidance_scale,
-                              mask, output_dir,
-                              device, tcss_model, ldm_model, autoencoder_model, text_encoder_path, class_map, decode_tile,
-                              keep_models_loaded)
+    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale,
+                              tcss_guidance_scale, mask, output_dir, device, tcss_model, ldm_model, autoencoder_model,
+                              text_encoder_path, class_map, decode_tile, keep_models_loaded)
     classes = load_class_map(class_map)
     settings, plan, load_kwargs = run.settings, run.plan, run.load_kwargs
     samples_dir = str(run.output_dir / "samples")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
+from monai.networks.schedulers.ddpm import DDPMPredictionType
 from monai.utils import convert_to_tensor
 from torch.optim.swa_utils import AveragedModel
 
@@ -297,10 +298,6 @@ def _voxel_class_weights(
     return weights.float()
 
 
-# What the latent generator may be trained to predict (MONAI DDPMPredictionType values).
-_LDM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
 class LDMIteration(AccumulatingIteration):
     """One latent-generator training step (paper Eq. 11): ``|y − f_θ(z_t ⊕ mask, t, text)|²``.
 
@@ -342,10 +339,11 @@ class LDMIteration(AccumulatingIteration):
         super().__init__(**kwargs)
         if not 0 <= text_dropout < 1:
             raise GuideGenInputError(f"text_dropout = {text_dropout} must be in [0, 1)")
-        prediction_type = str(getattr(scheduler, "prediction_type", "epsilon"))
-        if prediction_type not in _LDM_PREDICTION_TYPES:
+        self.prediction_type = str(getattr(scheduler, "prediction_type", DDPMPredictionType.EPSILON))
+        known = tuple(str(kind) for kind in DDPMPredictionType)
+        if self.prediction_type not in known:
             raise GuideGenInputError(
-                f"scheduler prediction_type {prediction_type!r} is not one of {_LDM_PREDICTION_TYPES}; set the "
+                f"scheduler prediction_type {self.prediction_type!r} is not one of {known}; set the "
                 "latent generator's prediction_type key to one of them"
             )
         if not scale_factor > 0:
@@ -385,9 +383,8 @@ class LDMIteration(AccumulatingIteration):
 
     def _target(self, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the network is trained to predict under the scheduler's ``prediction_type``."""
-        kind = str(getattr(self.scheduler, "prediction_type", "epsilon"))
-        if kind == "v_prediction":
+        if self.prediction_type == DDPMPredictionType.V_PREDICTION:
             return self.scheduler.get_velocity(z0, noise, timesteps)
-        if kind == "sample":
+        if self.prediction_type == DDPMPredictionType.SAMPLE:
             return z0
         return noise

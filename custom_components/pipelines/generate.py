@@ -102,7 +102,8 @@ class GenerationSettings:
         object.__setattr__(self, "tcss_steps", whole_number(self.tcss_steps, "tcss_steps", minimum=1))
         object.__setattr__(self, "ldm_steps", whole_number(self.ldm_steps, "ldm_steps", minimum=1))
         object.__setattr__(self, "guidance_scale", real_number(self.guidance_scale, "guidance_scale"))
-        object.__setattr__(self, "tcss_guidance_scale", real_number(self.tcss_guidance_scale, "tcss_guidance_scale", minimum=0.0))
+        object.__setattr__(self, "tcss_guidance_scale",
+                           real_number(self.tcss_guidance_scale, "tcss_guidance_scale", minimum=0.0))
 
 
 @dataclass(frozen=True)
@@ -405,7 +406,8 @@ def _make_sample(pipeline: Any, sample: PlannedSample, output_dir: Path, setting
                  mask: np.ndarray | None, mask_affine: np.ndarray | None, progress: bool) -> None:
     """Generate one sample into ``.partial/<id>/`` and rename it into place (the caller holds its claim)."""
     pair = pipeline(sample.request.prompt, seed=sample.seed, tcss_steps=settings.tcss_steps, ldm_steps=settings.ldm_steps,
-                    guidance_scale=settings.guidance_scale, tcss_guidance_scale=settings.tcss_guidance_scale, mask=mask, mask_affine=mask_affine, progress=progress)
+                    guidance_scale=settings.guidance_scale, tcss_guidance_scale=settings.tcss_guidance_scale, mask=mask,
+                    mask_affine=mask_affine, progress=progress)
     partial = output_dir / _PARTIAL / sample.sample_id
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
     partial.mkdir(parents=True)
