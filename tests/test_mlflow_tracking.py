@@ -120,3 +120,45 @@ def test_final_model_is_a_registered_mlflow_model(tracked, monkeypatch):
     assert all(torch.equal(state[k], saved["model"][k]) for k in state)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "model.pt" in artifacts and any(a.startswith("config_") for a in artifacts)  # --tracking's executed config
+
+
+def _handlers(tmp_path):
+    """The bundle's handler and MONAI's, both given the bundle's URI (MONAI's as `--tracking mlflow` adds it)."""
+    from monai.handlers import MLFlowHandler
+    from monai.utils import path_to_sqlite_uri
+
+    from custom_components.engines.tracking import GuideGenMLFlowHandler
+
+    bundle_uri = path_to_sqlite_uri(str(tmp_path / "bundle.db"))
+    ours = GuideGenMLFlowHandler(tracking_uri=bundle_uri, experiment_name="guidegen_tcss", artifacts="model.pt")
+    monai_same = MLFlowHandler(tracking_uri=bundle_uri, experiment_name="guidegen_tcss", artifacts="config.json")
+    monai_other = MLFlowHandler(tracking_uri=bundle_uri, experiment_name="elsewhere")
+    return bundle_uri, ours, monai_same, monai_other
+
+
+def test_a_second_handler_on_the_bundles_run_is_dropped_and_its_artifacts_kept(tmp_path, monkeypatch):
+    from custom_components.engines import drop_duplicate_trackers
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, ours, monai_same, monai_other = _handlers(tmp_path)
+    kept = drop_duplicate_trackers([ours, monai_same, None, monai_other])
+    assert kept == [ours, monai_other]  # another experiment is a separate record and stays
+    assert ours.artifacts == ("model.pt", "config.json")
+
+
+def test_the_tracking_uri_from_the_environment_is_the_one_compared(tmp_path, monkeypatch):
+    """MONAI's MLFlowHandler logs to MLFLOW_TRACKING_URI over its tracking_uri argument: so does the comparison."""
+    from monai.handlers import MLFlowHandler
+    from monai.utils import path_to_sqlite_uri
+
+    from custom_components.engines import drop_duplicate_trackers
+
+    env_uri = path_to_sqlite_uri(str(tmp_path / "env.db"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    bundle_uri = path_to_sqlite_uri(str(tmp_path / "bundle.db"))
+    monai_handler = MLFlowHandler(tracking_uri=bundle_uri, experiment_name="guidegen_tcss")
+    assert str(monai_handler.client.tracking_uri) == env_uri
+    assert drop_duplicate_trackers([monai_handler], bundle_uri, "guidegen_tcss") == []
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    elsewhere = MLFlowHandler(tracking_uri=env_uri, experiment_name="guidegen_tcss")
+    assert drop_duplicate_trackers([elsewhere], bundle_uri, "guidegen_tcss") == [elsewhere]

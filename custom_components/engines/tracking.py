@@ -122,7 +122,9 @@ def drop_duplicate_trackers(
         handlers: a handler list (None: none).
         tracking_uri, experiment_name: where the bundle's handler logs; default: the first
             :class:`GuideGenMLFlowHandler` in ``handlers``, which also takes over the dropped handlers' artifacts
-            (``--tracking`` logs the executed config that way).
+            (``--tracking`` logs the executed config that way). A set ``MLFLOW_TRACKING_URI`` environment variable
+            wins over ``tracking_uri``, as it does in MONAI's MLFlowHandler, so the comparison is made with the URI
+            the handlers will really log to.
 
     Returns:
         the list without those handlers.
@@ -134,6 +136,7 @@ def drop_duplicate_trackers(
             return handlers
         uri, experiment = _tracking_uri_of(keeper), keeper.experiment_name
     else:
+        # MONAI's MLFlowHandler lets MLFLOW_TRACKING_URI override its tracking_uri argument: compare with the same URI
         uri, experiment = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri, experiment_name
     kept = []
     for handler in handlers:
