@@ -7,6 +7,7 @@ the provenance tags, and the final model registered as an MLflow Model that load
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -162,3 +163,23 @@ def test_the_tracking_uri_from_the_environment_is_the_one_compared(tmp_path, mon
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     elsewhere = MLFlowHandler(tracking_uri=env_uri, experiment_name="guidegen_tcss")
     assert drop_duplicate_trackers([elsewhere], bundle_uri, "guidegen_tcss") == [elsewhere]
+
+
+def test_mlflow_telemetry_is_off_unless_the_user_decided(tmp_path, monkeypatch):
+    from monai.utils import path_to_sqlite_uri
+
+    from custom_components.engines.tracking import GuideGenMLFlowHandler
+
+    uri = path_to_sqlite_uri(str(tmp_path / "runs.db"))
+    for variable in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(variable, "")  # so that monkeypatch restores whatever the handler sets
+        monkeypatch.delenv(variable)
+    GuideGenMLFlowHandler(tracking_uri=uri, experiment_name="guidegen_tcss")
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # a user who opted in keeps it
+    GuideGenMLFlowHandler(tracking_uri=uri, experiment_name="guidegen_tcss")
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY")
+    monkeypatch.setenv("DO_NOT_TRACK", "false")
+    GuideGenMLFlowHandler(tracking_uri=uri, experiment_name="guidegen_tcss")
+    assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ

@@ -33,11 +33,30 @@ from monai.utils import flatten_dict
 
 from custom_components.data.io import file_digest, json_digest
 
-__all__ = ["GuideGenMLFlowHandler", "drop_duplicate_trackers", "provenance_tags", "model_requirements"]
+__all__ = [
+    "GuideGenMLFlowHandler",
+    "drop_duplicate_trackers",
+    "keep_mlflow_telemetry_off",
+    "provenance_tags",
+    "model_requirements",
+]
 
 logger = logging.getLogger(__name__)
 
 RUN_RECORD_NAME = "checkpoint_mlflow_run.json"  # "checkpoint" prefix: packaging leaves it out with the checkpoints
+
+
+def keep_mlflow_telemetry_off() -> None:
+    """Turn MLflow's usage telemetry off for this process unless the user decided (``MLFLOW_DISABLE_TELEMETRY`` or
+    ``DO_NOT_TRACK`` set).
+
+    MLflow 3 reports API usage to its maintainers' server by default. Training runs here log medical-imaging
+    experiments, often on machines without network access or under data-protection rules, so nothing is sent unless a
+    user opts in with ``MLFLOW_DISABLE_TELEMETRY=false``. MLflow reads the variable at each tracked call, so setting
+    it before the first call of a run is enough.
+    """
+    if "MLFLOW_DISABLE_TELEMETRY" not in os.environ and "DO_NOT_TRACK" not in os.environ:
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 
 def _git(bundle_root: Path, *args: str) -> str | None:
@@ -180,6 +199,7 @@ class GuideGenMLFlowHandler(MLFlowHandler):
         pip_requirements: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        keep_mlflow_telemetry_off()
         super().__init__(**kwargs)
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.validator = validator

@@ -297,6 +297,10 @@ def _log_mlflow(metrics: Mapping[str, Any], output_dir: Path, tracking_uri: str 
     import mlflow
     from monai.utils import path_to_sqlite_uri
 
+    from custom_components.engines.tracking import keep_mlflow_telemetry_off
+
+    keep_mlflow_telemetry_off()
+
     uri = tracking_uri or path_to_sqlite_uri(str(output_dir / "mlruns.db"))
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("guidegen_evaluation")
