@@ -154,6 +154,11 @@ def test_the_tracking_uri_from_the_environment_is_the_one_compared(tmp_path, mon
 
     from custom_components.engines import drop_duplicate_trackers
 
+    import mlflow.tracking._tracking_service.utils as mlflow_uris
+
+    # a URI set in this process by mlflow.set_tracking_uri (earlier tests do) wins over the environment in MLflow's own
+    # resolution, so a fresh process's state is restored first
+    monkeypatch.setattr(mlflow_uris, "_tracking_uri", None)
     env_uri = path_to_sqlite_uri(str(tmp_path / "env.db"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
     bundle_uri = path_to_sqlite_uri(str(tmp_path / "bundle.db"))
