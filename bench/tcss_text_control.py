@@ -91,16 +91,22 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Path:
     return model
 
 
+def diagnosis_wording(training: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Tumor organ -> the diagnosis of the first training record with a tumor there (the data set's own wording)."""
+    diagnosis_of: dict[str, str] = {}
+    for item in training:
+        record = item.get("record") or {}
+        if record.get("tumor_organ"):
+            diagnosis_of.setdefault(record["tumor_organ"], record["diagnosis"])
+    return diagnosis_of
+
+
 def steering_prompts(training: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """One patient, the tumor organ swapped through the training records' organs (their own diagnosis wording),
     and the same patient without a tumor (last)."""
     from custom_components.data.prompts import record_to_prompt
 
-    diagnosis_of = {}
-    for item in training:
-        record = item.get("record") or {}
-        if record.get("tumor_organ"):
-            diagnosis_of.setdefault(record["tumor_organ"], record["diagnosis"])
+    diagnosis_of = diagnosis_wording(training)
     records = [dict(STEERING_PATIENT, tumor_organ=organ, diagnosis=diagnosis) for organ, diagnosis in sorted(diagnosis_of.items())]
     records.append({**STEERING_PATIENT, "tumor_count": 0, "tumor_size_mm": None, "stage": None,
                     "tumor_organ": None, "diagnosis": "no abnormality"})

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tcss_text_control import diagnosis_wording  # the steering prompts' organ wording (bench/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -94,10 +95,7 @@ def prompt_sensitivity(pipeline: Any, class_map: Any, root: Path, training: Sequ
     network, scheduler, encoder = pipeline.network, pipeline.scheduler, pipeline.text_encoder
     network.eval()
     names, tumor = list(class_map.class_names), class_map.tumor_index
-    wording: dict[str, str] = {}
-    for item in training:
-        if item["record"].get("tumor_organ"):
-            wording.setdefault(item["record"]["tumor_organ"], item["record"]["diagnosis"])
+    wording = diagnosis_wording(training)
     organs = sorted(o for o in wording if o in names)
     generator = torch.Generator().manual_seed(seed)
     rows: dict[int, list[tuple[float, float, float, float]]] = {int(t): [] for t in timesteps}

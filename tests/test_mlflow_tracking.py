@@ -134,14 +134,14 @@ def _handlers(tmp_path):
     ours = GuideGenMLFlowHandler(tracking_uri=bundle_uri, experiment_name="guidegen_tcss", artifacts="model.pt")
     monai_same = MLFlowHandler(tracking_uri=bundle_uri, experiment_name="guidegen_tcss", artifacts="config.json")
     monai_other = MLFlowHandler(tracking_uri=bundle_uri, experiment_name="elsewhere")
-    return bundle_uri, ours, monai_same, monai_other
+    return ours, monai_same, monai_other
 
 
 def test_a_second_handler_on_the_bundles_run_is_dropped_and_its_artifacts_kept(tmp_path, monkeypatch):
     from custom_components.engines import drop_duplicate_trackers
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _, ours, monai_same, monai_other = _handlers(tmp_path)
+    ours, monai_same, monai_other = _handlers(tmp_path)
     kept = drop_duplicate_trackers([ours, monai_same, None, monai_other])
     assert kept == [ours, monai_other]  # another experiment is a separate record and stays
     assert ours.artifacts == ("model.pt", "config.json")
