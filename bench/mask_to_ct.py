@@ -17,6 +17,12 @@ Scores per case and class (background and tumor excluded; classes with >= ``--mi
 the generated CT over the class's voxels against the real CT's median there; an organ "passes" within +-50 HU.
 "Unlabelled body tissue" = the voxels the body class covers (for the plain map: the same derivation applied to the
 held-out case, so both maps are scored on the same voxels); it passes within +-60 HU.
+Beside the median, each organ's interquartile range (IQR) of HU in the generated CT against the real one's: a generator
+should draw an organ's texture, not only its level.
+
+Trivial baseline, scored in the same run (``paint``: no learning, no seed): every voxel of a held-out case painted with
+its class's median HU over all voxels of that class in the generator's training set (on the CT grid). It gets a level
+right wherever training and test agree, and has no texture (IQR 0).
 
 Usage (prints JSON, writes <work_dir>/results.json; --markdown prints the table):
     .venv/bin/python bench/mask_to_ct.py --work_dir /tmp/mask_to_ct --autoencoder_path AE.pt --seeds 0,1,2 \
@@ -162,18 +168,51 @@ def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[s
             if int(c) in excluded or (labels == c).sum() < min_voxels:
                 continue
             r, g = float(np.median(real[labels == c])), float(np.median(fake[labels == c]))
-            organs[names[int(c)]] = {"real": round(r, 1), "generated": round(g, 1), "error": round(g - r, 1)}
+            real_iqr, fake_iqr = (float(np.subtract(*np.percentile(v[labels == c], [75, 25]))) for v in (real, fake))
+            organs[names[int(c)]] = {"real": round(r, 1), "generated": round(g, 1), "error": round(g - r, 1),
+                                     "real_iqr": round(real_iqr, 1), "generated_iqr": round(fake_iqr, 1)}
         if class_map.body_index is not None:
             body = labels == class_map.body_index
         else:  # the same derivation as prepare --body_class, on the scored grid
             body = add_body_class(labels.astype(np.uint8), real, 255) == 255
         body_error = float(np.median(fake[body]) - np.median(real[body])) if body.sum() >= min_voxels else float("nan")
         within = [abs(v["error"]) <= ORGAN_TOLERANCE_HU for v in organs.values()]
+        iqr_errors = [abs(v["generated_iqr"] - v["real_iqr"]) for v in organs.values()]
         out[item["case_id"]] = {
             "organs": organs, "organ_pass_fraction": round(float(np.mean(within)), 3) if within else float("nan"),
+            "organ_iqr_error": round(float(np.median(iqr_errors)), 1) if iqr_errors else float("nan"),
             "body_real": round(float(np.median(real[body])), 1) if body.any() else None,
             "body_error": round(body_error, 1),
         }
+    return out
+
+
+def paint_class_medians(train_list: Path, held_list: Path, out: Path) -> Path:
+    """The ``paint`` baseline: each held-out case's mask painted with the training set's per-class median HU.
+
+    Args:
+        train_list: the generator's training datalist (its ``training`` cases give the class medians).
+        held_list: the held-out datalist (its ``validation`` cases are painted).
+        out: folder receiving ``<case_id>/ct.nii.gz`` (the layout ``score`` reads).
+
+    Returns:
+        ``out``.
+    """
+    values: dict[int, list[np.ndarray]] = {}
+    for item in json.loads(train_list.read_text())["training"]:
+        image = np.asarray(nib.load(str(train_list.parent / item["image"])).dataobj, dtype=np.float32)
+        labels = on_grid(np.asarray(nib.load(str(train_list.parent / item["label"])).dataobj), image.shape)
+        for c in np.unique(labels):
+            values.setdefault(int(c), []).append(image[labels == c])
+    medians = {c: float(np.median(np.concatenate(parts))) for c, parts in values.items()}
+    for item in json.loads(held_list.read_text())["validation"]:
+        image = nib.load(str(held_list.parent / item["image"]))
+        labels = on_grid(np.asarray(nib.load(str(held_list.parent / item["label"])).dataobj), image.shape)
+        painted = np.full(image.shape, medians[0], dtype=np.float32)  # a class the training never saw: background's level
+        for c in np.unique(labels):
+            painted[labels == c] = medians.get(int(c), medians[0])
+        (out / item["case_id"]).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(painted, image.affine), str(out / item["case_id"] / "ct.nii.gz"))
     return out
 
 
@@ -216,23 +255,27 @@ def summarise(per_seed: dict[int, dict[str, dict[str, object]]]) -> dict[str, ob
     for case in cases:
         fractions = [per_seed[s][case]["organ_pass_fraction"] for s in per_seed]
         body = [abs(per_seed[s][case]["body_error"]) for s in per_seed]
+        iqr = [per_seed[s][case].get("organ_iqr_error", float("nan")) for s in per_seed]
         summary[case] = {
             "organ_pass_fraction": {"median": float(np.median(fractions)), "min": float(np.min(fractions)), "max": float(np.max(fractions))},
             "abs_body_error_hu": {"median": float(np.median(body)), "min": float(np.min(body)), "max": float(np.max(body))},
+            "organ_iqr_error_hu": {"median": float(np.median(iqr)), "min": float(np.min(iqr)), "max": float(np.max(iqr))},
         }
     return summary
 
 
 def markdown(results: dict[str, object]) -> str:
     lines = [
-        "| class map, prediction | held-out case | organs within ±50 HU (median [min, max] over seeds) | abs. error, unlabelled body tissue (HU) |",
-        "| --- | --- | --- | --- |",
+        "| class map, model | held-out case | organs within ±50 HU (median [min, max] over seeds) | abs. error, unlabelled body tissue (HU) | organ IQR error (HU, median over organs) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for map_name, entry in results["maps"].items():
         for case, values in entry["summary"].items():
             f, b = values["organ_pass_fraction"], values["abs_body_error_hu"]
+            q = values.get("organ_iqr_error_hu")
+            iqr = f"{q['median']:.0f} [{q['min']:.0f}, {q['max']:.0f}]" if q else "—"
             lines.append(f"| {map_name} | {case} | {f['median']:.2f} [{f['min']:.2f}, {f['max']:.2f}] | "
-                         f"{b['median']:.0f} [{b['min']:.0f}, {b['max']:.0f}] |")
+                         f"{b['median']:.0f} [{b['min']:.0f}, {b['max']:.0f}] | {iqr} |")
     return "\n".join(lines)
 
 
@@ -273,6 +316,11 @@ def main() -> None:
     results_path = args.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"maps": {}}
     runs = [(map_name, prediction) for map_name in maps for prediction in predictions]
+    for map_name in maps:  # the trivial baseline, once per class map (no seed: it does not learn)
+        train_list, held_list = build_data(args.work_dir, map_name, args.held_out_ct, args.held_out_seg)
+        painted = paint_class_medians(train_list, held_list, args.work_dir / map_name / "paint")
+        per_case = score(held_list, painted, args.min_voxels)
+        results["maps"][f"{map_name}, paint (baseline)"] = {"per_seed": {"-": per_case}, "summary": summarise({"-": per_case})}
     for map_name, prediction in runs:
         train_list, held_list = build_data(args.work_dir, map_name, args.held_out_ct, args.held_out_seg)
         per_seed = {}
