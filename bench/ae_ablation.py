@@ -144,7 +144,7 @@ def reconstruct(name: str, model: Path, image_hu: np.ndarray, labels: np.ndarray
         return AutoencoderPipeline(network, progress=False).reconstruct(image_hu, mask)
     from monai.networks.nets import AutoencoderKL
 
-    from custom_components.engines.checkpoints import read_checkpoint_info, read_model_file
+    from custom_components.networks.checkpoints import read_checkpoint_info, read_model_file
 
     architecture = read_checkpoint_info(model, stage="autoencoder")["architecture"]
     network = AutoencoderKL(
@@ -200,7 +200,8 @@ def baseline(name: str, image_hu: np.ndarray) -> np.ndarray:
 
 def write_previews(folder: Path, image_hu: np.ndarray, spacing: tuple[float, float, float], rows: dict[str, np.ndarray]) -> list[Path]:
     """One PNG per window: a row per volume (the real CT first), axial / coronal / sagittal, the name on the left."""
-    from custom_components.data.preview import render_preview, save_preview
+    from custom_components.data.preview import render_preview
+    from custom_components.data.writers import save_preview
 
     written = []
     for window_name, window in (("soft_tissue", (-160.0, 240.0)), ("lung", (-1000.0, 200.0))):

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from custom_components.networks import build_text_conditioned_unet
-    from custom_components.pipelines.untrained import PAPER_ARCHITECTURES
+    from custom_components.runs.untrained import PAPER_ARCHITECTURES
 
     torch.manual_seed(0)
     network = build_text_conditioned_unet(20, 20, 384, **PAPER_ARCHITECTURES["tcss"]).eval()

@@ -1,7 +1,7 @@
 """One full text -> (mask, CT) inference at paper size: time and peak memory per stage.
 
 Paper size: 128³ masks, 256³ CTs, the widths of each bundle's train.yaml (TCSS and latent U-Nets 64/128/256/512,
-autoencoder 96/192/384), random weights (written by ``custom_components.pipelines.untrained``: cost does not depend on
+autoencoder 96/192/384), random weights (written by ``custom_components.runs.untrained``: cost does not depend on
 the weights), ``--steps`` steps per diffusion stage (cost per step is constant, so the figure scales linearly to 50).
 The chain is the product's own: ``load_text_to_pair`` reads the three bundles' inference configs, and the stages run
 exactly as ``guidegen generate`` runs them (TCSS sampling, latent DDIM with the trained x_0 clip, streaming decode).
@@ -136,7 +136,7 @@ def _time_steps(scheduler: Any, device: torch.device) -> list[float]:
 def run(args: argparse.Namespace) -> dict:
     from custom_components.networks import tiling
     from custom_components.pipelines.text_to_pair import load_text_to_pair
-    from custom_components.pipelines.untrained import write_untrained_models
+    from custom_components.runs.untrained import write_untrained_models
 
     torch.set_num_threads(args.threads) if args.threads else None
     device = torch.device(args.device)

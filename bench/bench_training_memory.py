@@ -101,7 +101,7 @@ def _optimizer(params: Any) -> torch.optim.Optimizer:
 
 def run_stage(stage: str, args: argparse.Namespace) -> dict:
     from custom_components.data.class_map import load_class_map
-    from custom_components.pipelines.untrained import PAPER_ARCHITECTURES
+    from custom_components.runs.untrained import PAPER_ARCHITECTURES
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ def sizes(dry_run: bool) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------- child
 def _architectures(dry_run: bool) -> dict[str, dict[str, Any]] | None:
-    from custom_components.pipelines.untrained import TINY_ARCHITECTURES
+    from custom_components.runs.untrained import TINY_ARCHITECTURES
 
     return TINY_ARCHITECTURES if dry_run else None
 
@@ -83,7 +83,7 @@ def run_part(part: str, args: argparse.Namespace) -> dict[str, Any]:
         from bench_ae_stream import run_case
 
         from custom_components.bundles import bundle_config
-        from custom_components.pipelines.untrained import PAPER_ARCHITECTURES
+        from custom_components.runs.untrained import PAPER_ARCHITECTURES
 
         arch = {**PAPER_ARCHITECTURES["autoencoder"], **(architectures or {}).get("autoencoder", {})}
         decode_slab = int(bundle_config("guidegen_autoencoder").get_parsed_content("decode_tile"))  # what the product runs

@@ -35,7 +35,7 @@ def main() -> None:
     from monai.networks.schedulers import DDIMScheduler
 
     from custom_components.data.datalist import load_datalist
-    from custom_components.engines import load_model_weights
+    from custom_components.networks import load_model_weights
     from custom_components.pipelines import LatentDiffusionSampler
 
     config = ConfigParser()

@@ -224,7 +224,8 @@ def write_previews(
     from PIL import Image
 
     from ae_ablation import labelled_rows
-    from custom_components.data.preview import render_preview, save_preview
+    from custom_components.data.preview import render_preview
+    from custom_components.data.writers import save_preview
 
     written = []
     for case in cases:

@@ -31,7 +31,7 @@ from custom_components.arguments import switch as _switch
 from custom_components.errors import GuideGenInputError
 
 if TYPE_CHECKING:
-    from custom_components.pipelines.generate import GenerationRun
+    from custom_components.runs.generate import GenerationRun
 
 __all__ = ["prepare", "demo_data", "generate", "synthesize", "evaluate", "package", "main"]
 
@@ -172,11 +172,11 @@ def _checked_generation(
     the input), before any model is loaded or anything written.
 
     Returns:
-        the :class:`~custom_components.pipelines.generate.GenerationRun`.
+        the :class:`~custom_components.runs.generate.GenerationRun`.
     """
     from custom_components.data.class_map import load_class_map
     from custom_components.data.requests import load_requests
-    from custom_components.pipelines.generate import GenerationSettings, check_generation
+    from custom_components.runs.generate import GenerationSettings, check_generation
 
     settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
                                   guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale,
@@ -270,7 +270,7 @@ def generate(
     Returns:
         the run folder.
     """
-    from custom_components.pipelines.generate import execute_generation
+    from custom_components.runs.generate import execute_generation
 
     overwrite = _switch(overwrite, "overwrite")
     run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale,
@@ -353,8 +353,8 @@ def synthesize(
     from custom_components.data.class_map import load_class_map
     from custom_components.data.nnunet import check_nnunet_raw_dataset, dataset_folder_name
     from custom_components.engines.distributed import cleanup_distributed, init_distributed
-    from custom_components.pipelines.generate import finish_run, run_manifest, start_run
-    from custom_components.pipelines.synthesize import FORMATS, run_shard, run_workers, write_synthetic_dataset
+    from custom_components.runs.generate import finish_run, run_manifest, start_run
+    from custom_components.runs.synthesize import FORMATS, run_shard, run_workers, write_synthetic_dataset
 
     output_format = choice(output_format, "format", FORMATS)
     dataset_folder_name(dataset_id, dataset_name)  # checked with --format monai too: every argument is, before any work

@@ -2,7 +2,7 @@
 
 A model-zoo archive is ``<name>_v<version>.zip`` holding one top-level folder ``<name>/`` with ``configs/``,
 ``docs/``, ``LICENSE`` and, when trained, ``models/`` with the model file's digest in ``large_files.yml`` (checked again
-whenever the file is read, see :func:`custom_components.engines.read_model_file`). ``python -m monai.bundle download
+whenever the file is read, see :func:`custom_components.networks.read_model_file`). ``python -m monai.bundle download
 --name <name> --url file://<zip> --bundle_dir <dir>`` unpacks it to ``<dir>/<name>/``.
 
 Each archive also carries the ``custom_components`` package the configs import, at ``<name>/custom_components/``
@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from custom_components.data.io import atomic_write
+from custom_components.data.writers import atomic_write
 from custom_components.errors import GuideGenInputError
 
 __all__ = [
@@ -175,7 +175,7 @@ def _record_model_digest(root: Path) -> Path:
     Raises:
         GuideGenInputError: the model file is damaged (a digest must never bless a broken file).
     """
-    from custom_components.engines.checkpoints import model_file_digest, read_intact_model_file
+    from custom_components.networks.checkpoints import model_file_digest, read_intact_model_file
 
     model = root / "models" / "model.pt"
     read_intact_model_file(model)
@@ -199,7 +199,7 @@ def write_large_files(name: str) -> Path:
 
     The demo weights are committed with the bundle, so ``python -m monai.bundle download_large_files
     --bundle_path <bundle>`` finds them in place and only verifies their hash; ``url`` names where the file lives
-    inside the bundle. Reading the file compares it with this digest too (:func:`custom_components.engines.read_model_file`).
+    inside the bundle. Reading the file compares it with this digest too (:func:`custom_components.networks.read_model_file`).
 
     Args:
         name: bundle name, e.g. ``guidegen_tcss``.

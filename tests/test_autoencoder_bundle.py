@@ -14,7 +14,7 @@ import yaml
 
 from helpers_bundles import run_bundle, run_two_process_training, train_then_resume
 
-from custom_components.engines import read_model_file
+from custom_components.networks import read_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles/guidegen_autoencoder/configs"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from custom_components import cli
-from custom_components.pipelines.untrained import write_untrained_models
+from custom_components.runs.untrained import write_untrained_models
 
 from helpers_bundles import run_bundle
 from test_generate import PROMPT, STEPS, TINY, _models

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from custom_components.data.io import file_digest
-from custom_components.engines import read_checkpoint_info
+from custom_components.networks import read_checkpoint_info
 from custom_components.packaging import BUNDLE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,8 @@ def test_demo_chain_makes_a_torso_not_noise():
 
 
 def test_compacted_model_files_load_into_float32_networks(tmp_path):
-    from custom_components.engines import CheckpointInfo, compact_model_file, load_network, read_checkpoint_info
+    from custom_components.engines import compact_model_file
+    from custom_components.networks import CheckpointInfo, load_network, read_checkpoint_info
 
     network = torch.nn.Sequential(torch.nn.Conv3d(2, 32, 3), torch.nn.GroupNorm(2, 32), torch.nn.Conv3d(32, 2, 1))
     path = tmp_path / "model.pt"

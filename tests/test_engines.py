@@ -8,13 +8,8 @@ import time
 import pytest
 import torch
 
-from custom_components.engines import (
-    AccumulatingIteration,
-    CheckpointInfo,
-    GuideGenTrainer,
-    latest_checkpoint,
-    make_ema,
-)
+from custom_components.engines import AccumulatingIteration, GuideGenTrainer, latest_checkpoint, make_ema
+from custom_components.networks import CheckpointInfo
 from custom_components.errors import GuideGenInputError
 
 

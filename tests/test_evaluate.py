@@ -20,7 +20,7 @@ import torch
 
 from custom_components.metrics.evaluate import evaluate_run
 from custom_components.errors import GuideGenInputError
-from custom_components.pipelines.untrained import write_untrained_models
+from custom_components.runs.untrained import write_untrained_models
 
 from test_feature_metrics import _variance_preserving
 from test_generate import STEPS, TINY, _models, guidegen

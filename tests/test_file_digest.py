@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from custom_components.data.io import file_digest
-from custom_components.engines.checkpoints import model_file_digest
+from custom_components.networks.checkpoints import model_file_digest
 from custom_components.networks import text_encoder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "custom_components"

@@ -292,7 +292,7 @@ def test_prompt_files_rewrite_free_text_rows(tmp_path):
 
 def test_generate_records_the_prompt_as_given_and_as_rewritten(tmp_path):
     """`guidegen generate --prompt <free text>` on tiny untrained models (the plumbing, not the weights)."""
-    from custom_components.pipelines.untrained import write_untrained_models
+    from custom_components.runs.untrained import write_untrained_models
     from test_generate import STEPS, TINY, _models, guidegen
 
     models = write_untrained_models(tmp_path / "models", mask_size=(16, 16, 16), image_size=(32, 32, 32), architectures=TINY,

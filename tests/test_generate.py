@@ -22,8 +22,8 @@ import yaml
 from custom_components.data.nnunet import check_nnunet_raw_dataset
 from custom_components.data.requests import load_requests
 from custom_components.errors import GuideGenInputError
-from custom_components.pipelines.generate import SAMPLE_FILES
-from custom_components.pipelines.untrained import write_untrained_models
+from custom_components.runs.generate import SAMPLE_FILES
+from custom_components.runs.untrained import write_untrained_models
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The patient is a 63-year-old White male. In this imaging, the patient's condition is described as hepatocellular carcinoma."

@@ -16,7 +16,7 @@ import yaml
 from helpers_bundles import TINY_TEXT_UNET, run_bundle, run_two_process_training, train_then_resume
 from helpers_tiny_text import make_tiny_text_encoder_dir
 
-from custom_components.engines import read_model_file
+from custom_components.networks import read_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles/guidegen_ldm/configs"
@@ -148,7 +148,7 @@ def test_missing_autoencoder_checkpoint_is_a_clear_error(workspace, tmp_path):
 def test_latent_cache_reuses_and_reencodes(workspace, tmp_path):
     from custom_components.data.class_map import load_class_map
     from custom_components.data.datalist import load_datalist
-    from custom_components.data.latent_cache import build_latent_cache
+    from custom_components.runs.latent_cache import build_latent_cache
     from custom_components.pipelines import AutoencoderPipeline, load_autoencoder
 
     items = load_datalist(workspace["datalist"], splits=["training"])["training"]

@@ -18,7 +18,7 @@ import yaml
 from helpers_bundles import run_bundle
 
 from custom_components.data.io import file_digest
-from custom_components.engines import read_model_file
+from custom_components.networks import read_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles/guidegen_autoencoder"

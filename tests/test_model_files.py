@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from custom_components.engines import read_checkpoint_info, read_model_file
+from custom_components.networks import read_checkpoint_info, read_model_file
 from custom_components.errors import GuideGenInputError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_components.data.io import centred_affine, save_nifti
+from custom_components.data.io import centred_affine
+from custom_components.data.writers import save_nifti
 from custom_components.data.nnunet import check_nnunet_raw_dataset, dataset_folder_name, write_nnunet_dataset
 from custom_components.errors import GuideGenInputError
 

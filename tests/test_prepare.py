@@ -12,7 +12,7 @@ import pytest
 from conftest import V1_FACE, V1_LIVER, V1_SPLEEN, synthetic_case, write_nifti
 from custom_components.data.class_map import load_class_map, totalsegmentator_label_maps
 from custom_components.data.datalist import load_datalist, split_cases
-from custom_components.data.io import atomic_write
+from custom_components.data.writers import atomic_write
 from custom_components.data.prepare import PrepareSettings, parse_size, prepare_dataset
 from custom_components.errors import GuideGenInputError
 

@@ -3,7 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from custom_components.data.preview import class_colors, render_preview, save_preview
+from custom_components.data.preview import class_colors, render_preview
+from custom_components.data.writers import save_preview
 
 
 def test_preview_orientation_and_overlay(tmp_path):

@@ -1,4 +1,4 @@
-"""Only the running stage's network stays loaded during chained inference (custom_components.engines.residency)."""
+"""Only the running stage's network stays loaded during chained inference (custom_components.pipelines.residency)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from custom_components.engines.residency import StageResidency
+from custom_components.pipelines.residency import StageResidency
 from custom_components.errors import GuideGenInputError
 
 
@@ -88,7 +88,7 @@ def test_a_network_with_buffers_outside_its_state_dict_stays_loaded(tmp_path: Pa
 
 def test_the_chain_releases_the_other_stages_and_gives_the_same_pair(tmp_path: Path) -> None:
     from custom_components.pipelines.text_to_pair import load_text_to_pair
-    from custom_components.pipelines.untrained import write_untrained_models
+    from custom_components.runs.untrained import write_untrained_models
     from tests.test_generate import PROMPT, TINY
 
     files = write_untrained_models(tmp_path, mask_size=(16, 16, 16), image_size=(32, 32, 32), architectures=TINY)

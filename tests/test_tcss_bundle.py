@@ -15,7 +15,8 @@ import yaml
 from helpers_bundles import TINY_TEXT_UNET, run_bundle, run_two_process_training, train_then_resume
 from helpers_tiny_text import make_tiny_text_encoder_dir
 
-from custom_components.engines import MODEL_INFO_KEY, read_model_file, write_model_file
+from custom_components.engines import write_model_file
+from custom_components.networks import MODEL_INFO_KEY, read_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles/guidegen_tcss/configs"

@@ -20,15 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_components.engines import (
-    MODEL_INFO_KEY,
-    CheckpointInfo,
-    InferenceWeights,
-    convert_model_file,
-    load_network,
-    read_checkpoint_info,
-    read_model_file,
-)
+from custom_components.engines import InferenceWeights, convert_model_file
+from custom_components.networks import MODEL_INFO_KEY, CheckpointInfo, load_network, read_checkpoint_info, read_model_file
 from custom_components.errors import GuideGenInputError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,8 @@ from monai.transforms import Resize
 from scipy import ndimage
 
 from custom_components.data.class_map import ClassMap, load_class_map
-from custom_components.data.io import check_same_field_of_view, load_nifti, read_volume, save_nifti
+from custom_components.data.io import check_same_field_of_view, load_nifti, read_volume
+from custom_components.data.writers import save_nifti
 from custom_components.errors import GuideGenInputError
 
 __all__ = [

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from custom_components.data.class_map import ClassMap, load_class_map
-from custom_components.data.io import write_json
+from custom_components.data.writers import write_json
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["DATALIST_ITEM_KEYS", "split_cases", "write_datalist", "load_datalist", "median_spacing"]

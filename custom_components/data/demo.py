@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from custom_components.data.class_map import load_class_map
 from custom_components.data.example import EXAMPLE_CASE_ID, EXAMPLE_RECORD, HELD_OUT_FIRST_SLICE, example_ct_files
-from custom_components.data.io import atomic_write, save_nifti, write_json
+from custom_components.data.writers import atomic_write, save_nifti, write_json
 from custom_components.data.phantom import REFERENCE_FIELD_OF_VIEW_MM, generate_phantom, make_phantom_record
 from custom_components.data.prepare import PrepareSettings, parse_size, prepare_dataset
 from custom_components.data.records import RECORD_FIELDS

@@ -1,8 +1,8 @@
-"""File I/O with checks: NIfTI volumes that are read with clear errors and written atomically.
+"""Reading files with checks: NIfTI volumes read with clear errors, grids and affines, digests.
 
-Writes go to a temporary file in the destination folder and are renamed into place, so a crash or a
-killed process never leaves a half-written file under the final name. :func:`file_digest` is the package's one
-file-hashing helper (model files, text encoder weights, latent cache and run manifests).
+Nothing here writes a file (writing lives in :mod:`custom_components.data.writers`), so the in-memory pipelines
+can use it. :func:`file_digest` is the package's one file-hashing helper (model files, text encoder weights, latent
+cache and run manifests).
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,7 @@ __all__ = [
     "check_voxel_spacing",
     "check_same_grid",
     "check_same_field_of_view",
-    "atomic_write",
-    "save_nifti",
-    "write_json",
+    "labels_on_grid",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -237,66 +234,6 @@ def check_same_field_of_view(reference: nib.Nifti1Image, other: nib.Nifti1Image,
             f"{reference.shape[:3]}) do not cover the same field of view (corners differ by {difference:.1f} mm, "
             f"more than one voxel, {tolerance:.1f} mm); pass the mask that belongs to this CT, or resample it onto the CT"
         )
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a file through a temporary sibling and rename it into place.
-
-    Args:
-        path: final destination; its folder is created.
-        write: called with the temporary path (which keeps the destination's suffixes, so format detection
-            by extension works) and must write the whole file there.
-
-    Returns:
-        the destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
-
-
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: Any) -> Path:
-    """Atomically save a 3D array as NIfTI with the given affine (also set as qform and sform).
-
-    Args:
-        array: voxel data.
-        affine: 4x4 voxel -> world (RAS+, mm) matrix.
-        path: destination (``.nii.gz`` compresses).
-        dtype: on-disk data type, e.g. ``np.int16`` for HU or ``np.uint8`` for labels.
-    """
-    image = nib.Nifti1Image(np.asarray(array).astype(dtype), np.asarray(affine, dtype=np.float64))
-    image.header.set_data_dtype(dtype)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    return atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Atomically write an object as indented JSON."""
-    text = json.dumps(obj, indent=1, default=_json_default) + "\n"
-    return atomic_write(path, lambda temporary: temporary.write_text(text))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (Path, os.PathLike)):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def labels_on_grid(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -19,7 +19,8 @@ import nibabel as nib
 import numpy as np
 
 from custom_components.arguments import whole_number
-from custom_components.data.io import check_same_field_of_view, labels_on_grid, load_nifti, read_volume, save_nifti, write_json
+from custom_components.data.io import check_same_field_of_view, labels_on_grid, load_nifti, read_volume
+from custom_components.data.writers import save_nifti, write_json
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["dataset_folder_name", "write_nnunet_dataset", "check_nnunet_raw_dataset"]

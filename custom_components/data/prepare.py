@@ -45,21 +45,12 @@ from custom_components.data.body import add_body_class, largest_component
 from custom_components.data.class_map import ClassMap, load_class_map, resolve_source_map_name
 from custom_components.data.datalist import write_datalist
 from custom_components.data.intensity import HU_MAX, HU_MIN
-from custom_components.data.io import (
-    check_same_grid,
-    check_voxel_spacing,
-    find_nifti,
-    json_digest,
-    load_nifti,
-    read_volume,
-    save_nifti,
-    strip_nifti_suffix,
-    write_json,
-)
-from custom_components.data.preview import render_preview, save_preview
+from custom_components.data.io import check_same_grid, check_voxel_spacing, find_nifti, json_digest, load_nifti, read_volume, strip_nifti_suffix
+from custom_components.data.preview import render_preview
 from custom_components.data.prompts import record_to_prompt
 from custom_components.data.records import read_records
 from custom_components.data.segmentations import find_segmentation, load_source_segmentation, map_to_classes
+from custom_components.data.writers import save_nifti, save_preview, write_json
 from custom_components.errors import CaseError, GuideGenInputError
 
 __all__ = [

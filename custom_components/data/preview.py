@@ -8,15 +8,11 @@ window, each class in its own colour.
 from __future__ import annotations
 
 import colorsys
-import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from custom_components.data.io import atomic_write
-
-__all__ = ["class_colors", "render_preview", "save_preview"]
+__all__ = ["class_colors", "render_preview"]
 
 SOFT_TISSUE_WINDOW_HU = (-160.0, 240.0)
 
@@ -94,8 +90,3 @@ def render_preview(
         canvas.paste(panel, (offset, 0))
         offset += panel.width + 4
     return canvas
-
-
-def save_preview(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Atomically save a preview as PNG."""
-    return atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))

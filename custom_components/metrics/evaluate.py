@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from custom_components.data.class_map import ClassMap, load_class_map
-from custom_components.data.io import load_nifti, read_volume, write_json
+from custom_components.data.io import load_nifti, read_volume
+from custom_components.data.writers import write_json
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["TS_VERSIONS", "GeneratedSample", "ReferenceCase", "find_generated_samples", "load_reference", "evaluate_run"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from custom_components.data.io import atomic_write
+from custom_components.data.writers import atomic_write
 
 __all__ = ["plot_dice_bars", "plot_confusion", "plot_montage"]
 

@@ -1,7 +1,20 @@
-"""Networks of GuideGen: the text encoder, the knowledge-injection module (paper Fig. 1d) and the
-cross-attention 3D U-Net they condition."""
+"""Networks of GuideGen: the text encoder, the knowledge-injection module (paper Fig. 1d), the cross-attention 3D
+U-Net they condition, the autoencoder and latent denoiser, and the one reader of their model files."""
 
 from .autoencoder import MaskGuidedAutoencoder, VoxelNorm
+from .checkpoints import (
+    MODEL_INFO_KEY,
+    STAGES,
+    CheckpointInfo,
+    load_model_weights,
+    load_network,
+    model_file_digest,
+    model_state_dict,
+    read_checkpoint_info,
+    read_intact_model_file,
+    read_model_file,
+    split_model_file,
+)
 from .factory import build_text_conditioned_unet
 from .knowledge_injection import KnowledgeInjection
 from .latent_denoiser import LatentDenoiser, MaskEncoder, build_latent_denoiser
@@ -11,6 +24,17 @@ from .tiling import tiled_decode, tiled_encode
 from .unet import CrossAttentionUNet3D, TextConditionedUNet
 
 __all__ = [
+    "STAGES",
+    "MODEL_INFO_KEY",
+    "CheckpointInfo",
+    "load_model_weights",
+    "load_network",
+    "model_file_digest",
+    "model_state_dict",
+    "read_checkpoint_info",
+    "read_intact_model_file",
+    "read_model_file",
+    "split_model_file",
     "build_text_conditioned_unet",
     "build_latent_denoiser",
     "LatentDenoiser",

@@ -18,25 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
 
 from custom_components.data.intensity import CT_WINDOWS, HU_MIN, hu_to_unit, unit_to_hu, windowed_psnr
-from custom_components.data.io import load_nifti, read_volume, save_nifti, write_json
-from custom_components.data.latents import decode_file, encode_file, image_affine, latent_affine, read_matching_mask
-from custom_components.data.preview import render_preview, save_preview
-from custom_components.errors import CaseError, GuideGenInputError
+from custom_components.errors import GuideGenInputError
 from custom_components.networks import MaskGuidedAutoencoder, stream_decode, stream_encode
 
 __all__ = [
     "load_autoencoder",
     "AutoencoderPipeline",
-    "reconstruct_cases",
     "reconstruction_metrics",
-    "latent_affine",
-    "image_affine",
-    "encode_file",
-    "decode_file",
 ]
 
 
@@ -53,7 +43,7 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
     Raises:
         GuideGenInputError: missing/unreadable file, another stage's file, or another class count.
     """
-    from custom_components.engines.checkpoints import CheckpointInfo, load_model_weights, read_checkpoint_info
+    from custom_components.networks.checkpoints import CheckpointInfo, load_model_weights, read_checkpoint_info
 
     if not Path(model_path).is_file():
         raise GuideGenInputError(
@@ -235,72 +225,3 @@ def reconstruction_metrics(reference_hu: np.ndarray, reconstruction_hu: np.ndarr
     metrics = {f"psnr_{name}": windowed_psnr(reference_hu, reconstruction_hu, tuple(window)) for name, window in windows.items()}
     metrics["mae_hu"] = float(np.abs(reference_hu.astype(np.float64) - reconstruction_hu).mean())
     return metrics
-
-
-def _side_by_side(top: Image.Image, bottom: Image.Image) -> Image.Image:
-    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height + 4))
-    canvas.paste(top, (0, 0))
-    canvas.paste(bottom, (0, top.height + 4))
-    return canvas
-
-
-def reconstruct_cases(
-    pipeline: AutoencoderPipeline,
-    items: Sequence[Mapping[str, Any]],
-    output_dir: str | os.PathLike,
-    num_classes: int,
-    windows: Mapping[str, Sequence[float]] = CT_WINDOWS,
-) -> dict[str, Any]:
-    """Reconstruct CTs through the autoencoder, write them with metrics and previews.
-
-    For every item ``{"case_id", "image", "label"}`` writes ``<output_dir>/<case_id>/reconstruction.nii.gz``
-    (int16 HU, the CT's affine), ``metrics.json`` and ``preview.png`` (original above reconstruction, mask
-    overlaid); then ``<output_dir>/metrics.json`` (per case and mean) and ``metrics.md`` (a table).
-    A case that cannot be read is reported in the summary and the others still run.
-
-    Args:
-        pipeline: the autoencoder pipeline.
-        items: datalist entries with absolute ``image`` and ``label`` paths.
-        output_dir: destination folder.
-        num_classes: for the preview colours.
-        windows: ``{name: (low, high)}`` HU windows for PSNR.
-
-    Returns:
-        the summary written to ``metrics.json``.
-
-    Raises:
-        GuideGenInputError: no items.
-    """
-    if not items:
-        raise GuideGenInputError("no cases to reconstruct: the datalist split is empty")
-    output_dir = Path(output_dir)
-    per_case: dict[str, dict[str, float]] = {}
-    failed: dict[str, str] = {}
-    for item in tqdm(items, desc="reconstructing", unit="case"):
-        case_id = str(item.get("case_id") or Path(str(item["image"])).name.split(".")[0])
-        try:
-            image_nii = load_nifti(item["image"], f"CT of case '{case_id}'")
-            image = read_volume(image_nii, f"CT of case '{case_id}'", check_finite=True)
-            mask = read_matching_mask(item.get("label") or None, image_nii, f"case '{case_id}'")
-            reconstruction = pipeline.reconstruct(image, mask)
-        except GuideGenInputError as err:
-            failed[case_id] = str(CaseError(case_id, str(err)))
-            continue
-        folder = output_dir / case_id
-        save_nifti(np.rint(reconstruction), image_nii.affine, folder / "reconstruction.nii.gz", np.int16)
-        metrics = reconstruction_metrics(image, reconstruction, windows)
-        write_json(metrics, folder / "metrics.json")
-        spacing = tuple(float(v) for v in image_nii.header.get_zooms()[:3])
-        preview = _side_by_side(render_preview(image, mask, num_classes, spacing), render_preview(reconstruction, mask, num_classes, spacing))
-        save_preview(preview, folder / "preview.png")
-        per_case[case_id] = metrics
-    names = sorted({name for metrics in per_case.values() for name in metrics})
-    mean = {name: float(np.mean([m[name] for m in per_case.values()])) for name in names} if per_case else {}
-    summary = {"cases": per_case, "mean": mean, "failed": failed, "windows_hu": {k: list(v) for k, v in windows.items()}}
-    write_json(summary, output_dir / "metrics.json")
-    lines = ["| case | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    lines += [f"| {case} | " + " | ".join(f"{m[n]:.2f}" for n in names) + " |" for case, m in per_case.items()]
-    if per_case:
-        lines.append("| **mean** | " + " | ".join(f"{mean[n]:.2f}" for n in names) + " |")
-    (output_dir / "metrics.md").write_text("\n".join(lines) + "\n" + "".join(f"\nfailed: {msg}" for msg in failed.values()))
-    return summary

@@ -2,7 +2,7 @@
 
 Chains the pieces without owning their maths: the text encoder gives token features, the network predicts
 x_0 logits, the scheduler draws x_{t-1} (paper Eq. 6 sampling: by probability for all but the last step,
-most probable class at the last). Writing files is left to :func:`save_masks`.
+most probable class at the last). Writing files is left to :func:`custom_components.runs.tcss.save_masks`.
 
 Classifier-free guidance (beyond the paper; ``guidance_scale`` s != 1) runs the network once per step on a doubled
 batch, the prompts and the null prompt, and hands the scheduler the log-space mix
@@ -14,22 +14,17 @@ unconditional model, the baseline a prompt's effect is measured against) one pas
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from custom_components.data.io import centred_affine, save_nifti, write_json
-from custom_components.data.preview import render_preview, save_preview
-from custom_components.engines.residency import return_freed_memory
+from custom_components.pipelines.residency import return_freed_memory
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["TCSSPipeline", "save_masks"]
+__all__ = ["TCSSPipeline"]
 
 
 class TCSSPipeline:
@@ -142,27 +137,3 @@ class TCSSPipeline:
             # forward pass's peak (≈ 0.15 GiB at 128³)
             return_freed_memory()
         return x_t.argmax(dim=1).cpu()
-
-
-def save_masks(
-    masks: torch.Tensor,
-    prompts: Sequence[str],
-    output_dir: str | os.PathLike,
-    spacing: Sequence[float],
-    num_classes: int,
-    prefix: str = "sample",
-) -> list[Path]:
-    """Write generated masks as NIfTI (uint8, RAS, given spacing) with their prompt and a PNG preview.
-
-    Returns:
-        the mask files, ``<output_dir>/<prefix>_<k>/mask.nii.gz``.
-    """
-    output_dir = Path(output_dir)
-    written = []
-    for index, (mask, prompt) in enumerate(zip(masks.numpy().astype(np.uint8), prompts)):
-        folder = output_dir / f"{prefix}_{index:03d}"
-        path = save_nifti(mask, centred_affine(mask.shape, spacing), folder / "mask.nii.gz", np.uint8)
-        write_json({"prompt": prompt, "spacing_mm": list(map(float, spacing))}, folder / "prompt.json")
-        save_preview(render_preview(np.full(mask.shape, -1000, np.int16), mask, num_classes, tuple(spacing)), folder / "preview.png")
-        written.append(path)
-    return written

@@ -3,7 +3,7 @@
 Stage 1 (:class:`~custom_components.pipelines.tcss.TCSSPipeline`) samples the mask from the prompt; stages III + II
 (:class:`~custom_components.pipelines.mask_to_ct.MaskToCTPipeline`) turn mask + prompt into a CT on the mask's field
 of view. Given a mask, stage 1 is skipped (mask-conditioned mode). :func:`load_text_to_pair` builds the chain from the
-three bundles' own inference configs; file writing is left to :mod:`custom_components.pipelines.generate`.
+three bundles' own inference configs; file writing is left to :mod:`custom_components.runs.generate`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from custom_components.data.io import centred_affine, labels_on_grid
-from custom_components.engines.residency import StageResidency
+from custom_components.pipelines.residency import StageResidency
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["GeneratedPair", "TextToPairPipeline", "load_text_to_pair", "model_files", "resolve_device"]
@@ -216,7 +216,7 @@ def load_text_to_pair(
         allow_autoencoder_mismatch: decode with an autoencoder other than the one the generator was trained on.
         with_tcss: also load stage 1 (False for mask-conditioned runs).
         keep_models_loaded: keep all networks loaded between stages; by default only the running stage's network is
-            (:class:`~custom_components.engines.residency.StageResidency`: the others wait in their model files on the
+            (:class:`~custom_components.pipelines.residency.StageResidency`: the others wait in their model files on the
             CPU, in host memory on a GPU), which lowers the peak memory by the other networks' size at the cost of
             reading each model file again per sample.
 

@@ -45,8 +45,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from custom_components.arguments import existing_folder, real_number, switch, whole_number, writable_folder
-from custom_components.data.io import load_nifti, read_volume, save_nifti, write_json
-from custom_components.data.preview import render_preview, save_preview
+from custom_components.data.io import load_nifti, read_volume
+from custom_components.data.writers import save_nifti, write_json, save_preview
+from custom_components.data.preview import render_preview
 from custom_components.data.requests import GenerationRequest
 from custom_components.errors import GuideGenInputError
 
@@ -298,7 +299,7 @@ def check_generation(
         GuideGenInputError: the first problem found, naming the option or file and the fix.
     """
     from custom_components.data.class_map import load_class_map
-    from custom_components.engines.checkpoints import read_checkpoint_info
+    from custom_components.networks.checkpoints import read_checkpoint_info
     from custom_components.pipelines.text_to_pair import model_files, resolve_device
 
     problems: Sequence[str] = []

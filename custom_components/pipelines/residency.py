@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from custom_components.engines.checkpoints import read_model_file
+from custom_components.networks.checkpoints import read_model_file
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["StageResidency", "return_freed_memory"]

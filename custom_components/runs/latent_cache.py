@@ -23,8 +23,9 @@ import numpy as np
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from custom_components.data.io import file_digest, write_json
-from custom_components.data.latents import encode_file
+from custom_components.data.io import file_digest
+from custom_components.data.writers import write_json
+from custom_components.runs.autoencoder import encode_file
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["build_latent_cache", "latent_statistics", "mask_factor"]

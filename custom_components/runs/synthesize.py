@@ -1,6 +1,6 @@
 """Synthesizing a segmentation data set from prompts, split across processes or GPUs.
 
-The run's samples (:func:`~custom_components.pipelines.generate.plan_samples`) are dealt out round-robin: process
+The run's samples (:func:`~custom_components.runs.generate.plan_samples`) are dealt out round-robin: process
 ``r`` of ``W`` makes samples ``r, r + W, r + 2W, ...``. Each sample's seed is fixed by its index, so the data set does
 not depend on ``W``, no sample is made twice and, after every process is done, :func:`finish_run` checks that none
 is missing. The coordinator (rank 0, or the parent of ``--num_workers`` processes) then writes the data set as an
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from custom_components.data.io import write_json
+from custom_components.data.writers import write_json
 from custom_components.data.nnunet import write_nnunet_dataset
 from custom_components.errors import GuideGenInputError
-from custom_components.pipelines.generate import GenerationSettings, PlannedSample, generate_samples
+from custom_components.runs.generate import GenerationSettings, PlannedSample, generate_samples
 
 __all__ = ["FORMATS", "shard", "run_shard", "run_workers", "write_monai_datalist", "write_synthetic_dataset"]
 
@@ -51,7 +51,7 @@ def run_shard(
     Args:
         pipeline: the chain, when this process has loaded it already; else built from ``load_kwargs``.
         mask, mask_affine: the given mask of a mask-conditioned run, as
-            :func:`~custom_components.pipelines.generate.check_generation` read and checked it.
+            :func:`~custom_components.runs.generate.check_generation` read and checked it.
 
     Returns:
         the sample ids this process generated.
