@@ -13,6 +13,9 @@ Held-out data: ``ct_small.nii.gz`` of the shared TotalSegmentator example is sli
 ``ct.nii.gz``. Training uses the demo phantoms plus the example CT *cut to slices 0-81* (what ``guidegen demo-data``
 ships), and ``ct_small`` (with its own TotalSegmentator v2 labels, prepared to 64x64x24) is the test case: same
 patient, different anatomy (upper abdomen with the lung bases vs abdomen-pelvis), never trained on.
+``--held_out_slices FIRST,STOP`` holds out another slab of the example CT instead (e.g. ``52,82``, the mid abdomen:
+then the slices on both sides train, and the upper abdomen's organs, which lie only in slices 81-111, are seen in
+training); its test case is those slices with the example CT's own TotalSegmentator v1 labels, prepared the same way.
 
 PSNR is computed per clinical window (lung, soft tissue, bone) with the window width as data range; MAE over the
 volume. Per variant the JSON holds every seed, the median and the spread (max - min).
@@ -56,20 +59,47 @@ BASELINES = ("pool4", "constant")
 METRICS = ("psnr_lung", "psnr_soft_tissue", "psnr_bone", "mae_hu")
 
 
-def prepare_held_out_slab(work_dir: Path, held_out_ct: Path, held_out_seg: Path, output: Path, class_map: object = None) -> Path:
-    """Prepare the held-out real CT (TotalSegmentator v2 labels) at the demo's voxel size; returns its datalist.
+class HeldOut:
+    """The held-out real case: the shared ``ct_small`` files (default), or a slab of the example CT (``--held_out_slices``).
+
+    Attributes:
+        ct, seg: its CT and TotalSegmentator segmentation files; ``ts_version``: that segmentation's class map.
+        case_id: its name in datalists, results and previews.
+        slices: ``(first, stop)`` of the example CT kept out of the training data.
+    """
+
+    def __init__(self, work_dir: Path, held_out_ct: Path, held_out_seg: Path, slices: str | None) -> None:
+        from custom_components.data.example import HELD_OUT_SLICES, example_ct_files
+
+        if slices is None:
+            self.ct, self.seg, self.ts_version, self.case_id, self.slices = held_out_ct, held_out_seg, "v2", "ct_small", HELD_OUT_SLICES
+            return
+        first, stop = (int(v) for v in slices.split(","))
+        self.slices, self.ts_version, self.case_id = (first, stop), "v1", f"example_{first}_{stop - 1}"
+        source = work_dir / "held_out_source"
+        source.mkdir(parents=True, exist_ok=True)
+        files = example_ct_files()
+        self.ct, self.seg = source / f"{self.case_id}_ct.nii.gz", source / f"{self.case_id}_seg.nii.gz"
+        for path, full in ((self.ct, files["image"]), (self.seg, files["segmentation"])):
+            nib.save(nib.load(str(full)).slicer[:, :, first:stop], str(path))
+
+
+def prepare_held_out_slab(work_dir: Path, held_out: HeldOut, output: Path, class_map: object = None) -> Path:
+    """Prepare the held-out real CT at the demo's voxel size; returns its datalist.
 
     30 slices of 3 mm: z = 24 voxels gives about the example CT's z spacing in the demo data; x, y = 64 as in training.
     """
     from custom_components.data.prepare import PrepareSettings, prepare_dataset
 
     held_raw = work_dir / "held_out_raw"
-    for kind, source in (("images", held_out_ct), ("segmentations", held_out_seg)):
+    for kind, source in (("images", held_out.ct), ("segmentations", held_out.seg)):
         (held_raw / kind).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, held_raw / kind / "ct_small.nii.gz")
+        for stale in (held_raw / kind).glob("*.nii.gz"):
+            stale.unlink()
+        shutil.copyfile(source, held_raw / kind / f"{held_out.case_id}.nii.gz")
     with open(held_raw / "records.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([["case_id", "diagnosis", "tumor_count"], ["ct_small", "no abnormality", "0"]])
-    settings = PrepareSettings(mask_size=(32, 32, 12), image_size=(64, 64, 24), val_fraction=0.0, ts_version="v2")
+        csv.writer(handle).writerows([["case_id", "diagnosis", "tumor_count"], [held_out.case_id, "no abnormality", "0"]])
+    settings = PrepareSettings(mask_size=(32, 32, 12), image_size=(64, 64, 24), val_fraction=0.0, ts_version=held_out.ts_version)
     report = prepare_dataset(
         held_raw / "images", held_raw / "segmentations", held_raw / "records.csv", output,
         class_map=class_map, settings=settings, progress=False,
@@ -79,12 +109,12 @@ def prepare_held_out_slab(work_dir: Path, held_out_ct: Path, held_out_seg: Path,
     return output / "datalist.json"
 
 
-def build_data(work_dir: Path, held_out_ct: Path, held_out_seg: Path) -> tuple[Path, Path]:
+def build_data(work_dir: Path, held_out: HeldOut) -> tuple[Path, Path]:
     """The demo training data set (phantoms + the example CT without the held-out slices) and the held-out case."""
     from custom_components.data.demo import build_demo_dataset
 
-    train_datalist = build_demo_dataset(work_dir / "train_data", val_fraction=0.0, progress=False)
-    return Path(train_datalist), prepare_held_out_slab(work_dir, held_out_ct, held_out_seg, work_dir / "held_out_data")
+    train_datalist = build_demo_dataset(work_dir / "train_data", val_fraction=0.0, progress=False, held_out_slices=held_out.slices)
+    return Path(train_datalist), prepare_held_out_slab(work_dir, held_out, work_dir / "held_out_data")
 
 
 def _aekl_config(work_dir: Path) -> Path:
@@ -260,6 +290,22 @@ def markdown_table(output: dict[str, object]) -> str:
     return "\n".join(rows)
 
 
+def check_held_out_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--held_out_slices`` as two whole numbers inside the example CT, or the held-out files present."""
+    if args.held_out_slices is not None:
+        from custom_components.data.example import example_ct_files, example_parts
+
+        try:
+            first, stop = (int(v) for v in args.held_out_slices.split(","))
+            example_parts(nib.load(str(example_ct_files()["image"])).shape[2], (first, stop))
+        except ValueError as err:
+            parser.error(f"--held_out_slices {args.held_out_slices!r}: FIRST,STOP inside the example CT ({err})")
+        return
+    for path in (args.held_out_ct, args.held_out_seg):
+        if not path.is_file():
+            parser.error(f"{path} not found: pass --held_out_ct/--held_out_seg")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/ae_ablation"))
@@ -269,6 +315,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads per training run")
     parser.add_argument("--held_out_ct", type=Path, default=SHARED_EXAMPLE / "ct_small.nii.gz")
     parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
+    parser.add_argument("--held_out_slices", help="FIRST,STOP: hold out these slices of the example CT instead of ct_small (e.g. 52,82)")
     parser.add_argument("--previews", type=Path, help="also write PNGs of the held-out CT, pool4 and each variant's first seed here")
     parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
     parser.add_argument(
@@ -284,16 +331,15 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if unknown or not seeds or args.max_epochs < 1 or args.threads < 1:
         parser.error(f"unknown variants {unknown}" if unknown else "need >= 1 seed, --max_epochs >= 1, --threads >= 1")
-    for path in (args.held_out_ct, args.held_out_seg):
-        if not path.is_file():
-            parser.error(f"{path} not found: pass --held_out_ct/--held_out_seg")
+    check_held_out_arguments(parser, args)
     args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    held_out = HeldOut(args.work_dir, args.held_out_ct, args.held_out_seg, args.held_out_slices)
 
     from custom_components.data.datalist import load_datalist
     from custom_components.pipelines import reconstruction_metrics
 
-    train_datalist, held_datalist = build_data(args.work_dir, args.held_out_ct, args.held_out_seg)
+    train_datalist, held_datalist = build_data(args.work_dir, held_out)
     case = load_datalist(held_datalist, splits=["training"])["training"][0]
     image_hu = nib.load(case["image"]).get_fdata().astype(np.float32)
     labels = np.asarray(nib.load(case["label"]).dataobj).astype(np.uint8)
@@ -303,7 +349,7 @@ def main() -> None:
             f"{name}/seed{seed}": checkpoint_metrics(args.work_dir / name / f"seed{seed}" / "models", image_hu, labels)
             for name in variants if name != "monai_aekl" for seed in seeds
         }  # fmt: skip
-        print(json.dumps({"held_out": str(args.held_out_ct), "epochs": by_run}, indent=1))
+        print(json.dumps({"held_out": str(held_out.ct), "epochs": by_run}, indent=1))
         return
     results: dict[str, object] = {}
     previews: dict[str, np.ndarray] = {"pool4": baseline("pool4", image_hu)}
@@ -322,7 +368,7 @@ def main() -> None:
             print(f"[ae_ablation] {name} seed {seed}: {per_seed[seed]}", file=sys.stderr, flush=True)
         results[name] = summarise(per_seed)
     output = {
-        "max_epochs": args.max_epochs, "seeds": seeds, "held_out": str(args.held_out_ct),
+        "max_epochs": args.max_epochs, "seeds": seeds, "held_out": str(held_out.ct), "held_out_slices": list(held_out.slices),
         "held_out_shape": list(image_hu.shape), "results": results,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }  # fmt: skip

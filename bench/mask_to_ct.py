@@ -13,6 +13,9 @@ once per ``--prediction_types`` entry (the bundle's ``prediction_type`` key: the
   32^3 mask by repeating its end slices (the torso continues); only the real 24 slices are scored;
 * three phantoms made with a seed the training phantoms never used.
 
+``--held_out_slices FIRST,STOP`` replaces ``ct_small`` by that slab of the example CT (with its v1 labels), held out
+of the training data instead (see ``bench/ae_ablation.py``); its case is named ``example_<first>_<last>``.
+
 Scores per case and class (background and tumor excluded; classes with >= ``--min_voxels`` CT voxels): the median HU of
 the generated CT over the class's voxels against the real CT's median there; an organ "passes" within +-50 HU.
 "Unlabelled body tissue" = the voxels the body class covers (for the plain map: the same derivation applied to the
@@ -43,7 +46,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.networks.schedulers.ddpm import DDPMPredictionType
-from ldm_alignment import on_grid  # nearest-neighbour label resampling, as the alignment bench does (bench/ on sys.path)
+from ae_ablation import HeldOut, check_held_out_arguments, prepare_held_out_slab  # the same held-out slab (bench/ on sys.path)
+from ldm_alignment import on_grid  # nearest-neighbour label resampling, as the alignment bench does
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLE = REPO.parent / "shared" / "data" / "totalsegmentator_example"
@@ -69,21 +73,20 @@ def _pad_z(path: Path, target: int, out: Path) -> tuple[int, int]:
     return before, before + data.shape[2]
 
 
-def build_data(work_dir: Path, map_name: str, held_out_ct: Path, held_out_seg: Path) -> tuple[Path, Path]:
+def build_data(work_dir: Path, map_name: str, held_out: HeldOut) -> tuple[Path, Path]:
     """The demo training set and the held-out set (slab + unseen phantoms) of one class map."""
     from custom_components.data.class_map import load_class_map
-    from ae_ablation import prepare_held_out_slab  # the same held-out slab as the autoencoder benchmark (bench/ on sys.path)
     from custom_components.data.demo import build_demo_dataset
 
     body = map_name == "body"
     root = work_dir / map_name
-    train = build_demo_dataset(root / "train_data", val_fraction=0.0, progress=False, body_class=body)
+    train = build_demo_dataset(root / "train_data", val_fraction=0.0, progress=False, body_class=body, held_out_slices=held_out.slices)
     phantoms = build_demo_dataset(
         root / "held_out_phantoms", num_phantoms=3, include_example_ct=False, val_fraction=0.0,
         seed=HELD_OUT_PHANTOM_SEED, progress=False, body_class=body,
     )  # fmt: skip
     slab = root / "held_out_slab"
-    prepare_held_out_slab(work_dir, held_out_ct, held_out_seg, slab, class_map=load_class_map(None, body_class=body))
+    prepare_held_out_slab(work_dir, held_out, slab, class_map=load_class_map(None, body_class=body))
 
     # one held-out datalist: the slab padded to the generator's mask size, then the unseen phantoms
     train_list = json.loads(Path(train).read_text())
@@ -92,9 +95,10 @@ def build_data(work_dir: Path, map_name: str, held_out_ct: Path, held_out_seg: P
     held = root / "held_out"
     cases = []
     for item in slab_list["training"]:
-        label_range = _pad_z(slab / item["label"], mask_size[2], held / "labels" / "ct_small.nii.gz")
-        image_range = _pad_z(slab / item["image"], image_size[2], held / "images" / "ct_small.nii.gz")
-        cases.append({**item, "image": "images/ct_small.nii.gz", "label": "labels/ct_small.nii.gz",
+        name = f"{held_out.case_id}.nii.gz"
+        label_range = _pad_z(slab / item["label"], mask_size[2], held / "labels" / name)
+        image_range = _pad_z(slab / item["image"], image_size[2], held / "images" / name)
+        cases.append({**item, "image": f"images/{name}", "label": f"labels/{name}",
                       "scored_z": list(image_range), "scored_mask_z": list(label_range)})
     phantom_list = json.loads(Path(phantoms).read_text())
     for item in phantom_list["training"]:
@@ -217,8 +221,7 @@ def paint_class_medians(train_list: Path, held_list: Path, out: Path) -> Path:
 
 
 def write_previews(
-    folder: Path, work_dir: Path, runs: list[tuple[str, str]], seed: int,
-    cases: tuple[str, ...] = ("ct_small", "heldout_phantom_000"),
+    folder: Path, work_dir: Path, runs: list[tuple[str, str]], seed: int, cases: tuple[str, ...],
 ) -> list[Path]:
     """Per held-out case, a PNG: the real CT, then per (class map, prediction type) run its mask and generated CT."""
     from PIL import Image
@@ -294,6 +297,7 @@ def main() -> None:
     parser.add_argument("--min_voxels", type=int, default=20, help="smallest class (CT voxels) that is scored")
     parser.add_argument("--held_out_ct", type=Path, default=SHARED_EXAMPLE / "ct_small.nii.gz")
     parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
+    parser.add_argument("--held_out_slices", help="FIRST,STOP: hold out these slices of the example CT instead of ct_small (e.g. 52,82)")
     parser.add_argument("--previews", type=Path, help="also write PNGs of two held-out cases (real, mask, generated per map, first seed) here")
     parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
     args = parser.parse_args()
@@ -309,21 +313,20 @@ def main() -> None:
         parser.error(f"--prediction_types {args.prediction_types!r}: a comma-separated subset of {PREDICTION_TYPES}")
     if args.autoencoder_path is None or not args.autoencoder_path.is_file():
         parser.error(f"--autoencoder_path {args.autoencoder_path}: not a file (train one with bench/ae_ablation.py or scripts/train_demo.sh)")
-    for path in (args.held_out_ct, args.held_out_seg):
-        if not path.is_file():
-            parser.error(f"{path} not found: pass --held_out_ct/--held_out_seg")
+    check_held_out_arguments(parser, args)
     args.work_dir = args.work_dir.resolve()
+    held_out = HeldOut(args.work_dir, args.held_out_ct, args.held_out_seg, args.held_out_slices)
     args.autoencoder_path = args.autoencoder_path.resolve()
     results_path = args.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"maps": {}}
     runs = [(map_name, prediction) for map_name in maps for prediction in predictions]
     for map_name in maps:  # the trivial baseline, once per class map (no seed: it does not learn)
-        train_list, held_list = build_data(args.work_dir, map_name, args.held_out_ct, args.held_out_seg)
+        train_list, held_list = build_data(args.work_dir, map_name, held_out)
         painted = paint_class_medians(train_list, held_list, args.work_dir / map_name / "paint")
         per_case = score(held_list, painted, args.min_voxels)
         results["maps"][f"{map_name}, paint (baseline)"] = {"per_seed": {"-": per_case}, "summary": summarise({"-": per_case})}
     for map_name, prediction in runs:
-        train_list, held_list = build_data(args.work_dir, map_name, args.held_out_ct, args.held_out_seg)
+        train_list, held_list = build_data(args.work_dir, map_name, held_out)
         per_seed = {}
         for seed in seeds:
             generated, seconds = train_and_generate(map_name, prediction, seed, args, train_list, held_list)
@@ -335,7 +338,7 @@ def main() -> None:
                         "autoencoder": str(args.autoencoder_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         results_path.write_text(json.dumps(results, indent=1))
     if args.previews is not None:
-        for path in write_previews(args.previews, args.work_dir, runs, seeds[0]):
+        for path in write_previews(args.previews, args.work_dir, runs, seeds[0], (held_out.case_id, "heldout_phantom_000")):
             print(f"[mask_to_ct] preview {path}", file=sys.stderr)
     print(json.dumps(results, indent=1))
 

@@ -122,6 +122,7 @@ def demo_data(
     val_fraction: float = 0.2,
     seed: int = 0,
     overwrite: bool = False,
+    held_out_slices: Any = "82,112",
 ) -> str:
     """Build the demo data set: procedural torso phantoms plus the real TotalSegmentator example CT.
 
@@ -142,11 +143,16 @@ def demo_data(
         val_fraction: share of cases in the validation list.
         seed: seed of the phantoms, their records and the split.
         overwrite: regenerate and re-prepare everything.
+        held_out_slices: FIRST,STOP axial slices of the example CT left out of the data set, to test on (default
+            82,112: TotalSegmentator's ct_small slab; 52,82 holds out the mid abdomen instead and keeps the upper
+            abdomen's organs in training).
 
     Returns:
         the path of the datalist written.
     """
     from custom_components.data.demo import build_demo_dataset
+
+    held_out = _held_out_slices(held_out_slices)
 
     datalist = build_demo_dataset(
         writable_folder(output_dir),
@@ -157,9 +163,27 @@ def demo_data(
         val_fraction=val_fraction,
         seed=whole_number(seed, "seed", minimum=0),
         overwrite=_switch(overwrite, "overwrite"),
+        held_out_slices=held_out,
     )
     print(f"demo data set ready: {datalist}", file=sys.stderr)
     return str(datalist)
+
+
+def _held_out_slices(value: Any) -> tuple[int, int]:
+    """``--held_out_slices`` as ``(first, stop)``, checked against the example CT before anything is written."""
+    import nibabel as nib
+
+    from custom_components.data.example import example_ct_files, example_parts
+
+    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(parts) != 2:
+        raise GuideGenInputError(f"--held_out_slices {value!r}: give two slice numbers FIRST,STOP, e.g. 52,82")
+    first, stop = (whole_number(v, "held_out_slices", minimum=0) for v in parts)
+    try:
+        example_parts(nib.load(str(example_ct_files()["image"])).shape[2], (first, stop))
+    except ValueError as err:
+        raise GuideGenInputError(f"--held_out_slices {first},{stop}: {err}") from None
+    return first, stop
 
 
 def _checked_generation(

@@ -334,6 +334,10 @@ CASES = [
              _fixed("guidegen_tcs", "guidegen_tcss")),
     BadInput("demo-data-num_phantoms-negative", lambda p: ["demo-data", "--output_dir", str(p["out"]), "--num_phantoms", "-2"],
              _fixed("--num_phantoms -2", "at least 0")),
+    BadInput("demo-data-held_out_slices-past-the-ct", lambda p: ["demo-data", "--output_dir", str(p["out"]), "--held_out_slices", "100,130"],
+             _fixed("--held_out_slices 100,130", "112 slices")),
+    BadInput("demo-data-held_out_slices-one-number", lambda p: ["demo-data", "--output_dir", str(p["out"]), "--held_out_slices", "52"],
+             _fixed("--held_out_slices", "FIRST,STOP")),
 ]
 
 

@@ -10,7 +10,7 @@ from scipy import ndimage
 from custom_components.data.class_map import load_class_map
 from custom_components.data.datalist import load_datalist
 from custom_components.data.demo import build_demo_dataset
-from custom_components.data.example import EXAMPLE_CASE_ID, HELD_OUT_FIRST_SLICE, example_ct_files
+from custom_components.data.example import EXAMPLE_CASE_ID, HELD_OUT_SLICES, example_ct_files, example_parts
 from custom_components.errors import GuideGenInputError
 
 
@@ -41,12 +41,36 @@ def test_demo_holds_out_the_ct_small_slab_of_the_example_ct(demo):
     """The last 30 slices of the example CT (TotalSegmentator's ct_small) are the held-out test case of the
     autoencoder benchmark and of the demo weights: the demo trains on the slices before them only."""
     output, _ = demo
+    first = HELD_OUT_SLICES[0]
     shipped = example_ct_files()
     for kind, source in (("images", shipped["image"]), ("segmentations", shipped["segmentation"])):
         raw, full = nib.load(str(output / "raw" / kind / f"{EXAMPLE_CASE_ID}.nii.gz")), nib.load(str(source))
-        assert raw.shape == full.shape[:2] + (HELD_OUT_FIRST_SLICE,) and full.shape[2] == HELD_OUT_FIRST_SLICE + 30
-        np.testing.assert_array_equal(np.asarray(raw.dataobj), np.asarray(full.dataobj)[:, :, :HELD_OUT_FIRST_SLICE])
+        assert HELD_OUT_SLICES == (82, 112) and full.shape[2] == 112
+        assert raw.shape == full.shape[:2] + (first,)
+        np.testing.assert_array_equal(np.asarray(raw.dataobj), np.asarray(full.dataobj)[:, :, :first])
         np.testing.assert_allclose(raw.affine, full.affine)
+    assert not (output / "raw" / "images" / f"{EXAMPLE_CASE_ID}_above.nii.gz").exists()
+
+
+def test_example_parts_around_a_held_out_slab() -> None:
+    assert example_parts(112) == {EXAMPLE_CASE_ID: (0, 82)}
+    assert example_parts(112, (52, 82)) == {EXAMPLE_CASE_ID: (0, 52), f"{EXAMPLE_CASE_ID}_above": (82, 112)}
+    assert example_parts(112, (0, 30)) == {f"{EXAMPLE_CASE_ID}_above": (30, 112)}
+    for bad in ((82, 82), (-1, 30), (100, 113), (50, 40)):
+        with pytest.raises(ValueError, match="inside the example CT"):
+            example_parts(112, bad)
+
+
+def test_a_mid_abdomen_hold_out_trains_on_both_sides_of_the_gap(tmp_path) -> None:
+    """--held_out_slices 52,82: two raw cases, each the example CT's own slices and world position, none of 52-81."""
+    datalist = load_datalist(build_demo_dataset(tmp_path, num_phantoms=0, mask_size=16, image_size=32, val_fraction=0.0,
+                                                progress=False, held_out_slices=(52, 82)))
+    assert sorted(item["case_id"] for item in datalist["training"]) == [EXAMPLE_CASE_ID, f"{EXAMPLE_CASE_ID}_above"]
+    full = nib.load(str(example_ct_files()["image"]))
+    for case_id, (first, stop) in ((EXAMPLE_CASE_ID, (0, 52)), (f"{EXAMPLE_CASE_ID}_above", (82, 112))):
+        raw = nib.load(str(tmp_path / "raw" / "images" / f"{case_id}.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(raw.dataobj), np.asarray(full.dataobj)[:, :, first:stop])
+        np.testing.assert_allclose(raw.affine, full.slicer[:, :, first:stop].affine)
 
 
 def test_demo_tumors_sit_in_the_organ_their_record_names(demo):

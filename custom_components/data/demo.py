@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from custom_components.data.class_map import load_class_map
-from custom_components.data.example import EXAMPLE_CASE_ID, EXAMPLE_RECORD, HELD_OUT_FIRST_SLICE, example_ct_files
+from custom_components.data.example import EXAMPLE_RECORD, HELD_OUT_SLICES, example_ct_files, example_parts
 from custom_components.data.writers import atomic_write, save_nifti, write_json
 from custom_components.data.phantom import REFERENCE_FIELD_OF_VIEW_MM, generate_phantom, make_phantom_record
 from custom_components.data.prepare import PrepareSettings, parse_size, prepare_dataset
@@ -79,18 +79,26 @@ def _write_phantoms(
     return records
 
 
-def _copy_example(raw_dir: Path) -> None:
-    """The example CT and its labels without the held-out slab (slices ``HELD_OUT_FIRST_SLICE`` onwards)."""
+def _copy_example(raw_dir: Path, held_out: tuple[int, int]) -> list[str]:
+    """The example CT and its labels without the held-out slab, one raw case per part around it; returns their ids."""
     files = example_ct_files()
-    for kind, source in (("images", files["image"]), ("segmentations", files["segmentation"])):
-        target = raw_dir / kind / f"{EXAMPLE_CASE_ID}.nii.gz"
-        training_part = nib.load(str(source)).slicer[:, :, :HELD_OUT_FIRST_SLICE]
-        # a raw folder from before the hold-out holds the whole CT: replace it
-        if not target.is_file() or nib.load(str(target)).shape != training_part.shape:
-            atomic_write(target, lambda temporary, image=training_part: nib.save(image, str(temporary)))
+    images = {kind: nib.load(str(source)) for kind, source in (("images", files["image"]), ("segmentations", files["segmentation"]))}
+    try:
+        parts = example_parts(images["images"].shape[2], held_out)
+    except ValueError as err:
+        raise GuideGenInputError(f"--held_out_slices: {err}") from None
+    for case_id, (first, stop) in parts.items():
+        for kind, image in images.items():
+            target = raw_dir / kind / f"{case_id}.nii.gz"
+            training_part = image.slicer[:, :, first:stop]
+            # a raw folder from another hold-out holds other slices: replace it
+            if not target.is_file() or not np.allclose(nib.load(str(target)).affine, training_part.affine) \
+                    or nib.load(str(target)).shape != training_part.shape:
+                atomic_write(target, lambda temporary, image=training_part: nib.save(image, str(temporary)))
     license_copy = raw_dir / files["license"].name
     if not license_copy.is_file():
         shutil.copyfile(files["license"], license_copy)
+    return list(parts)
 
 
 def _remove_stale_cases(raw_dir: Path, case_ids: set[str]) -> None:
@@ -114,6 +122,7 @@ def build_demo_dataset(
     overwrite: bool = False,
     progress: bool = True,
     body_class: bool = False,
+    held_out_slices: tuple[int, int] = HELD_OUT_SLICES,
 ) -> Path:
     """Write the demo data set (see the module docstring).
 
@@ -129,6 +138,8 @@ def build_demo_dataset(
         progress: show progress bars.
         body_class: use the shipped body class map (``class_map_body.json``): background inside the body
             becomes its own class (see :mod:`custom_components.data.body`).
+        held_out_slices: ``(first, stop)`` axial slices of the example CT kept out of the data set (the real test
+            case); see :func:`custom_components.data.example.example_parts`.
 
     Returns:
         the datalist path.
@@ -147,8 +158,7 @@ def build_demo_dataset(
     shape, spacing = _raw_geometry(raw_size)
     records = _write_phantoms(raw_dir, num_phantoms, shape, spacing, seed, overwrite) if num_phantoms else []
     if include_example_ct:
-        _copy_example(raw_dir)
-        records.append(dict(EXAMPLE_RECORD))
+        records += [{**EXAMPLE_RECORD, "case_id": case_id} for case_id in _copy_example(raw_dir, held_out_slices)]
     _remove_stale_cases(raw_dir, {record["case_id"] for record in records})
     _write_records_csv(records, raw_dir / "records.csv")
     report = prepare_dataset(
