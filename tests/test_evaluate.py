@@ -52,7 +52,7 @@ def synthetic(tmp_path_factory, models) -> Path:
 def feature_weights(tmp_path_factory) -> dict[str, str]:
     from torchvision.models import inception_v3
 
-    from custom_components.metrics.features import InceptionI3d
+    from custom_components.networks.i3d import InceptionI3d
 
     root = tmp_path_factory.mktemp("weights")
     torch.save(_variance_preserving(inception_v3(weights=None, aux_logits=False, init_weights=False)).state_dict(), root / "inception.pth")

@@ -10,7 +10,6 @@ import torch
 
 from custom_components.errors import GuideGenInputError
 from custom_components.metrics import (
-    InceptionI3d,
     MetricUnavailable,
     axial_fvd,
     default_i3d_weights_path,
@@ -23,6 +22,7 @@ from custom_components.metrics import (
     slice_fid,
     slice_lpips,
 )
+from custom_components.networks.i3d import InceptionI3d
 
 SHAPE = (24, 24, 20)
 

@@ -5,7 +5,6 @@ from .alignment import TumorAlignment, tumor_alignment
 from .features import (
     I3DFeatures,
     InceptionFeatures,
-    InceptionI3d,
     MetricUnavailable,
     axial_fvd,
     default_i3d_weights_path,
@@ -28,7 +27,6 @@ __all__ = [
     "default_i3d_weights_path",
     "InceptionFeatures",
     "load_inception",
-    "InceptionI3d",
     "I3DFeatures",
     "load_i3d",
     "feature_frechet_distance",

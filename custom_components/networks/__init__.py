@@ -16,6 +16,7 @@ from .checkpoints import (
     split_model_file,
 )
 from .factory import build_text_conditioned_unet
+from .i3d import InceptionI3d
 from .knowledge_injection import KnowledgeInjection
 from .latent_denoiser import LatentDenoiser, MaskEncoder, build_latent_denoiser
 from .text_encoder import TextEncoder, default_text_encoder_path
@@ -43,6 +44,7 @@ __all__ = [
     "TextEncoder",
     "default_text_encoder_path",
     "CrossAttentionUNet3D",
+    "InceptionI3d",
     "TextConditionedUNet",
     "MaskGuidedAutoencoder",
     "VoxelNorm",
