@@ -380,3 +380,31 @@ def test_clinical_window_l1_formula_and_windows() -> None:
         clinical_window_l1(target, target[..., :4])
     with pytest.raises(GuideGenInputError, match="lo < hi"):
         clinical_window_l1(target, target, {"bad": (100.0, 100.0)})
+
+
+def test_autoencoder_loss_is_eq8_with_its_weights() -> None:
+    """Without the window (hdr=False) Eq. 8 is the plain L1 plus kl_weight times the KL; the full-range term adds on."""
+    from custom_components.losses import AutoencoderLoss, HDRWindow, kl_divergence
+
+    torch.manual_seed(0)
+    image, reconstruction = torch.rand(2, 1, 8, 8, 8) * 2 - 1, torch.rand(2, 1, 8, 8, 8) * 2 - 1
+    z_mu, z_sigma = torch.randn(2, 4, 2, 2, 2), torch.rand(2, 4, 2, 2, 2) + 0.5
+    plain = AutoencoderLoss(HDRWindow(), hdr=False, perceptual_weight=0.0, kl_weight=0.25)
+    terms = plain(image, reconstruction, z_mu, z_sigma)
+    l1 = (reconstruction - image).abs().mean()
+    torch.testing.assert_close(terms.reconstruction, l1)
+    torch.testing.assert_close(terms.loss, l1 + 0.25 * kl_divergence(z_mu, z_sigma))
+    extra = AutoencoderLoss(HDRWindow(), hdr=False, perceptual_weight=0.0, kl_weight=0.25, full_range_weight=2.0)
+    torch.testing.assert_close(extra(image, reconstruction, z_mu, z_sigma).reconstruction, 3 * l1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"windows": "lung"}, "is not one of"), ({"kl_weight": -1.0, "perceptual_weight": 0.0}, "must be >= 0"),
+    ({"perceptual_weight": 1.0}, "needs a perceptual_loss"), ({"num_frames": 0, "perceptual_weight": 0.0}, "num_frames"),
+])  # fmt: skip
+def test_autoencoder_loss_refuses_bad_settings(kwargs, message) -> None:
+    from custom_components.errors import GuideGenInputError
+    from custom_components.losses import AutoencoderLoss, HDRWindow
+
+    with pytest.raises(GuideGenInputError, match=message):
+        AutoencoderLoss(HDRWindow(), **kwargs)

@@ -1,5 +1,8 @@
 """Training iteration of the anatomy-aware HDR autoencoder (paper Eq. 7-9): a VAE step plus two discriminators.
 
+The losses are composed in :mod:`custom_components.losses` (Eq. 8: :class:`~custom_components.losses.AutoencoderLoss`,
+Eq. 9: :class:`~custom_components.losses.AdversarialTerms`); this module steps the networks with them.
+
 The generator side (autoencoder + the learnable k, b of the HDR window) is stepped by the shared
 :class:`~custom_components.engines.iterations.AccumulatingIteration` machinery (accumulation, DDP no_sync,
 clipping, AMP, EMA). After each generator step the frame and volume discriminators take one step of their
@@ -8,7 +11,6 @@ own optimiser on the same (detached) reconstruction.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,14 +20,10 @@ from monai.utils import convert_to_tensor
 from custom_components.engines.distributed import average_gradients, broadcast_parameters
 from custom_components.engines.iterations import AccumulatingIteration
 from custom_components.errors import GuideGenInputError
-from custom_components.losses import AdversarialTerms, HDRWindow, clinical_window_l1, kl_divergence, sample_frames
+from custom_components.losses import AdversarialTerms, AutoencoderLoss, HDRWindow, sample_frames
 
-logger = logging.getLogger(__name__)
 
-__all__ = ["AutoencoderGANIteration", "LOGGED_TERMS", "WINDOW_CHOICES", "loss_terms"]
-
-# How the reconstruction is windowed in the L1 of Eq. 8: the paper's random window, the fixed clinical windows, both.
-WINDOW_CHOICES = ("random", "clinical", "clinical+random")
+__all__ = ["AutoencoderGANIteration", "LOGGED_TERMS", "loss_terms"]
 
 
 class AutoencoderGANIteration(AccumulatingIteration):
@@ -33,21 +31,12 @@ class AutoencoderGANIteration(AccumulatingIteration):
 
     Generator objective (paper Eq. 8-9)::
 
-        L = |h(D(E(v, m), m)) - h(v)|                       (L1 under a random HDR window h, Eq. 7-8)
-            + perceptual_weight * LPIPS(h(frames of recon), h(frames of v))
-            + kl_weight * KL(q(z | v, m) || N(0, I))
-            + adversarial_weight * [frame GAN + volume GAN]  (after ``adversarial_start`` iterations)
+        L = AutoencoderLoss(v, D(E(v, m), m))               (Eq. 7-8: windowed L1, slice LPIPS, KL)
+            + adversarial_weight * [frame GAN + volume GAN]  (Eq. 9, after ``adversarial_start`` iterations)
 
-    The window (wc, wr) is drawn per volume and per step from the volume's own intensity range, so over training
-    every part of the HU range (lung, soft tissue, bone) gets the full contrast of some window. With ``hdr=False``
-    the L1 and perceptual terms act on the plain intensities (the ablation "without HDR accommodation").
-    The discriminators see the plain intensities (not under h), as in the paper.
-
-    Beyond the paper (measured in BENCHMARKS.md, "Autoencoder against baselines"): ``windows="clinical"`` replaces
-    the random window in the L1 by the three fixed clinical windows (:func:`~custom_components.losses.clinical_window_l1`),
-    ``"clinical+random"`` uses both; ``full_range_weight`` adds the plain L1 over the whole range beside the
-    windowed terms, so air/tissue/bone levels are learnt together with the contrast inside each window. The
-    perceptual term keeps the random window.
+    The Eq. 8 arguments (``hdr_window`` ... ``full_range_weight``) build the
+    :class:`~custom_components.losses.AutoencoderLoss` (see it for the windows and the ablation switches). The
+    discriminators see the plain intensities (not under h), as in the paper.
 
     Args:
         hdr_window: the :class:`~custom_components.losses.HDRWindow` (its k, b belong in the generator optimiser).
@@ -94,37 +83,22 @@ class AutoencoderGANIteration(AccumulatingIteration):
         # k and b of the window are optimised with the autoencoder but live outside its DDP wrapper.
         kwargs["synchronized_modules"] = [hdr_window, *kwargs.get("synchronized_modules", ())]
         super().__init__(**kwargs)
-        if windows not in WINDOW_CHOICES:
-            raise GuideGenInputError(f"windows = {windows!r} is not one of {WINDOW_CHOICES}")
-        weights = (
-            ("perceptual_weight", perceptual_weight), ("kl_weight", kl_weight), ("adversarial_weight", adversarial_weight),
-            ("full_range_weight", full_range_weight),
+        if adversarial_weight < 0:
+            raise GuideGenInputError(f"adversarial_weight = {adversarial_weight} must be >= 0")
+        self.vae_loss = AutoencoderLoss(
+            hdr_window, perceptual_loss, hdr=hdr, perceptual_weight=perceptual_weight, kl_weight=kl_weight,
+            num_frames=num_frames, windows=windows, full_range_weight=full_range_weight,
         )  # fmt: skip
-        for name, value in weights:
-            if value < 0:
-                raise GuideGenInputError(f"{name} = {value} must be >= 0")
-        if perceptual_weight > 0 and perceptual_loss is None:
-            raise GuideGenInputError("perceptual_weight > 0 needs a perceptual_loss module; set perceptual_weight: 0 to train without it")
-        if perceptual_weight == 0:
-            logger.warning("perceptual loss off (perceptual_weight = 0): training without LPIPS, no VGG-16 weights used")
-        if num_frames < 1:
-            raise GuideGenInputError(f"num_frames = {num_frames} must be >= 1")
         self.hdr_window = hdr_window
         self.frame_discriminator = frame_discriminator
         self.volume_discriminator = volume_discriminator
         self.discriminator_optimizer = discriminator_optimizer
         self.adversarial = adversarial
-        self.perceptual_loss = perceptual_loss
         self.image_key = image_key
         self.label_key = label_key
-        self.hdr = bool(hdr)
-        self.perceptual_weight = float(perceptual_weight)
-        self.kl_weight = float(kl_weight)
         self.adversarial_weight = float(adversarial_weight)
         self.adversarial_start = int(adversarial_start)
         self.num_frames = int(num_frames)
-        self.windows = windows
-        self.full_range_weight = float(full_range_weight)
         self._discriminators_broadcast = False
         self._last: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]] | None = None
 
@@ -152,28 +126,7 @@ class AutoencoderGANIteration(AccumulatingIteration):
             # a mask-free network may be MONAI's AutoencoderKL (benchmark baseline), whose forward takes the image only
             reconstruction, z_mu, z_sigma = engine.network(image) if mask is None else engine.network(image, mask)
         reconstruction = reconstruction.float()
-        random_window = self.hdr and (self.windows != "clinical" or self.perceptual_weight > 0)
-        if random_window:
-            wc, wr = self.hdr_window.sample_windows(image)
-            target_h, recon_h = self.hdr_window(image, wc, wr), self.hdr_window(reconstruction, wc, wr)
-        else:
-            target_h, recon_h = image, reconstruction
-        if not self.hdr:
-            reconstruction_loss = (reconstruction - image).abs().mean()
-        else:
-            reconstruction_loss = torch.zeros((), device=image.device)
-            if "random" in self.windows:
-                reconstruction_loss = reconstruction_loss + (recon_h - target_h).abs().mean()
-            if "clinical" in self.windows:
-                reconstruction_loss = reconstruction_loss + clinical_window_l1(reconstruction, image)
-        if self.full_range_weight > 0:
-            reconstruction_loss = reconstruction_loss + self.full_range_weight * (reconstruction - image).abs().mean()
-        perceptual = torch.zeros((), device=image.device)
-        if self.perceptual_weight > 0:
-            real_frames_h, fake_frames_h = sample_frames([target_h, recon_h], self.num_frames)
-            perceptual = torch.stack([self.perceptual_loss(fake, real) for fake, real in zip(fake_frames_h, real_frames_h)]).mean()
-        kl = kl_divergence(z_mu.float(), z_sigma.float())
-        loss = reconstruction_loss + self.perceptual_weight * perceptual + self.kl_weight * kl
+        loss, reconstruction_loss, perceptual, kl = self.vae_loss(image, reconstruction, z_mu, z_sigma)
         generator_adv = torch.zeros((), device=image.device)
         real_frames, fake_frames = sample_frames([image, reconstruction], self.num_frames)
         if self.adversarial_active(engine):

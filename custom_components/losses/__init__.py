@@ -1,5 +1,5 @@
-"""Losses of GuideGen's CT autoencoder (paper Eq. 7-8): the learnable HDR window, the frozen LPIPS perceptual
-loss on slices, slice sampling and the KL term, and the frame/volume adversarial terms."""
+"""Losses of GuideGen's CT autoencoder (paper Eq. 7-9): the learnable HDR window, the frozen LPIPS perceptual
+loss on slices, slice sampling and the KL term, their Eq. 8 sum, and the frame/volume adversarial terms."""
 
 from .adversarial import (
     AdversarialTerms,
@@ -7,11 +7,15 @@ from .adversarial import (
     build_volume_discriminator,
     discriminator_min_size,
 )
+from .autoencoder import WINDOW_CHOICES, AutoencoderLoss, AutoencoderLossTerms
 from .frames import kl_divergence, sample_frames
 from .hdr_window import HDRWindow, clinical_window_l1
 from .perceptual import SlicePerceptualLoss, default_vgg_weights_path
 
 __all__ = [
+    "AutoencoderLoss",
+    "AutoencoderLossTerms",
+    "WINDOW_CHOICES",
     "AdversarialTerms",
     "build_frame_discriminator",
     "build_volume_discriminator",
