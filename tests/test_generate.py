@@ -311,7 +311,8 @@ def test_request_sources():
 def test_prompt_files_in_every_format(tmp_path):
     (tmp_path / "p.txt").write_text("# header comment\nfirst prompt\n\nsecond prompt\n")
     (tmp_path / "p.json").write_text(json.dumps({"prompts": ["a prompt", {"age": 40, "sex": "female"}, {"prompt": ""}, 7]}))
-    (tmp_path / "p.csv").write_text('prompt,age\n"with, comma",\n,50\n,\nx,1,extra\n')
+    # the records' CSV rules: a row of empty fields is skipped, one with more or fewer fields than the header refused
+    (tmp_path / "p.csv").write_text('prompt,age\n"with, comma",\n,50\n,\nx,1,extra\nshort\n')
     txt, txt_problems = load_requests(prompts_file=tmp_path / "p.txt")
     assert [r.prompt for r in txt] == ["first prompt", "second prompt"] and txt_problems == []
     assert txt[1].source.endswith("line 4")
@@ -320,7 +321,8 @@ def test_prompt_files_in_every_format(tmp_path):
     assert [p.split(": ")[0] for p in js_problems] == [f"{tmp_path / 'p.json'} item 2", f"{tmp_path / 'p.json'} item 3"]
     csv_requests, csv_problems = load_requests(prompts_file=tmp_path / "p.csv")
     assert [r.prompt for r in csv_requests] == ["with, comma", "The patient is a 50-year-old person."]
-    assert [p.split(": ")[0] for p in csv_problems] == [f"{tmp_path / 'p.csv'} line 4", f"{tmp_path / 'p.csv'} line 5"]
+    assert [p.split(": ")[0] for p in csv_problems] == [f"{tmp_path / 'p.csv'} line 5", f"{tmp_path / 'p.csv'} line 6"]
+    assert "3 fields but the header has 2" in csv_problems[0] and "1 fields but the header has 2" in csv_problems[1]
     with pytest.raises(GuideGenInputError, match=r"\.txt, \.csv or \.json"):
         (tmp_path / "p.yaml").write_text("x")
         load_requests(prompts_file=tmp_path / "p.yaml")

@@ -39,7 +39,7 @@ from typing import Any
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["RECORD_FIELDS", "RecordFile", "normalize_record", "suggest_field", "read_records", "load_records"]
+__all__ = ["RECORD_FIELDS", "RecordFile", "normalize_record", "suggest_field", "read_csv_rows", "read_records", "load_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +179,32 @@ class RecordFile:
 _Row = tuple[str, Any, str | None]  # (location for messages, the row's fields, why its shape is wrong or None)
 
 
-def _csv_rows(path: Path) -> list[_Row]:
+def read_csv_rows(path: Path, required_column: str | None = "case_id", header_example: str = "case_id,age,sex,...") -> list[_Row]:
+    """The rows of a CSV with a header, the package's one CSV reader of records and prompts.
+
+    Rules: UTF-8 (a byte-order mark is dropped); the first row is the header; blank rows are skipped; a row whose
+    field count differs from the header's (too few or too many, usually an unquoted comma) carries a problem that
+    names its line and the fix, rather than being aligned by guesswork.
+
+    Args:
+        path: the CSV file.
+        required_column: a column the header must have (None: any header).
+        header_example: a header to show in the message about an empty file.
+
+    Returns:
+        ``(location, column -> value, problem or None)`` per row, in file order.
+
+    Raises:
+        GuideGenInputError: no header, or no ``required_column`` in it.
+    """
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         columns = [] if header is None else [name.strip() for name in header]
-        if "case_id" not in columns:
-            raise GuideGenInputError(f"{path}: the CSV needs a header row with a 'case_id' column (found {header})")
+        if required_column is not None and required_column not in columns:
+            raise GuideGenInputError(f"{path}: the CSV needs a header row with a '{required_column}' column (found {header})")
+        if not columns:
+            raise GuideGenInputError(f"{path}: empty CSV; the first row must be a header (e.g. {header_example})")
         rows: list[_Row] = []
         for values in reader:
             if not any(value.strip() for value in values):
@@ -219,7 +238,7 @@ def _json_rows(path: Path) -> list[_Row]:
 def _read_rows(path: Path) -> list[_Row]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _csv_rows(path)
+        return read_csv_rows(path)
     if suffix == ".json":
         return _json_rows(path)
     raise GuideGenInputError(f"{path}: record files must end in .csv or .json")

@@ -30,7 +30,7 @@ from typing import Any
 
 from custom_components.data.free_text import is_template_prompt, parse_free_text
 from custom_components.data.prompts import record_to_prompt
-from custom_components.data.records import RECORD_FIELDS, normalize_record
+from custom_components.data.records import RECORD_FIELDS, normalize_record, read_csv_rows
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["GenerationRequest", "load_requests", "request_from_record", "request_from_text"]
@@ -101,8 +101,6 @@ def request_from_record(raw: Mapping[str, Any], where: str, class_names: Sequenc
     """
     if not isinstance(raw, Mapping):
         raise GuideGenInputError(f"{where}: expected a prompt string or a record object, got {type(raw).__name__}")
-    if None in raw:  # csv.DictReader files surplus fields under the key None
-        raise GuideGenInputError(f"{where}: more fields than the header has columns; quote fields that hold commas")
     values = {str(k).strip(): v for k, v in raw.items()}
     text = next((str(values[c]).strip() for c in _PROMPT_COLUMNS if values.get(c) is not None and str(values[c]).strip()), "")
     record_fields = {k: v for k, v in values.items() if k not in _PROMPT_COLUMNS}
@@ -118,18 +116,23 @@ def request_from_record(raw: Mapping[str, Any], where: str, class_names: Sequenc
     return GenerationRequest(prompt=" ".join((text or record_to_prompt(record)).split()), source=where, record=record)
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A file row the reader refused (wrong field count), with why."""
+
+    problem: str
+
+
 def _rows(path: Path) -> list[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         lines = path.read_text(encoding="utf-8-sig").splitlines()
         return [(f"{path} line {i + 1}", line.strip()) for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames:
-                raise GuideGenInputError(f"{path}: empty CSV; the first row must be a header (e.g. 'prompt' or 'age,sex,...')")
-            # The header is line 1; reader.line_num is the line the row ended on (rows may span lines when quoted).
-            return [(f"{path} line {reader.line_num}", row) for row in reader]
+        # the records' reader: a row with more or fewer fields than the header is refused (its problem is raised when
+        # the row is turned into a request, so the other rows still run)
+        return [(where, _Refused(problem) if problem else row)
+                for where, row, problem in read_csv_rows(path, required_column=None, header_example="'prompt' or 'age,sex,...'")]
     if suffix == ".json":
         content = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(content, Mapping):
@@ -192,6 +195,8 @@ def load_requests(
     requests = []
     for where, row in rows:
         try:
+            if isinstance(row, _Refused):
+                raise GuideGenInputError(row.problem)
             if isinstance(row, str):
                 requests.append(request_from_text(row, where, class_names))
             else:
