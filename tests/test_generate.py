@@ -259,7 +259,7 @@ def test_unwritable_output_dir_is_refused(tiny_models, tmp_path):
 def test_unwritable_output_dir_message(tiny_models, tmp_path, monkeypatch, capsys):
     """The same check in-process, for machines where the tests run as root (who may write anywhere)."""
     from custom_components import cli
-    from custom_components.pipelines import generate
+    from custom_components.runs import generate
 
     monkeypatch.setattr(generate.os, "access", lambda path, mode: False)
     with pytest.raises(SystemExit) as exit_info:
