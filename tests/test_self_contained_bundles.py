@@ -143,7 +143,7 @@ def _sha256(path: Path) -> str:
 def test_archives_carry_the_code_and_the_card(downloaded):
     for name, archive in zip(ALL_BUNDLES, downloaded["archives"]):
         names = set(zipfile.ZipFile(archive).namelist())
-        for module in ("__init__.py", "bundles.py", "engines/checkpoints.py", "pipelines/generate.py",
+        for module in ("__init__.py", "bundles.py", "networks/checkpoints.py", "runs/generate.py", "data/writers.py",
                        "data/resources/class_map_default.json"):
             assert f"{name}/custom_components/{module}" in names, (name, module)
         assert not any("__pycache__" in n or n.endswith(".pyc") or "/resources/example/" in n for n in names), name
