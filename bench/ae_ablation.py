@@ -68,13 +68,13 @@ class HeldOut:
         slices: ``(first, stop)`` of the example CT kept out of the training data.
     """
 
-    def __init__(self, work_dir: Path, held_out_ct: Path, held_out_seg: Path, slices: str | None) -> None:
+    def __init__(self, work_dir: Path, held_out_ct: Path, held_out_seg: Path, slices: tuple[int, int] | None) -> None:
         from custom_components.data.example import HELD_OUT_SLICES, example_ct_files
 
         if slices is None:
             self.ct, self.seg, self.ts_version, self.case_id, self.slices = held_out_ct, held_out_seg, "v2", "ct_small", HELD_OUT_SLICES
             return
-        first, stop = (int(v) for v in slices.split(","))
+        first, stop = slices
         self.slices, self.ts_version, self.case_id = (first, stop), "v1", f"example_{first}_{stop - 1}"
         source = work_dir / "held_out_source"
         source.mkdir(parents=True, exist_ok=True)
@@ -291,15 +291,16 @@ def markdown_table(output: dict[str, object]) -> str:
 
 
 def check_held_out_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--held_out_slices`` as two whole numbers inside the example CT, or the held-out files present."""
+    """``--held_out_slices`` parsed to ``(first, stop)`` inside the example CT (as ``guidegen demo-data`` does), or the
+    held-out files present."""
     if args.held_out_slices is not None:
-        from custom_components.data.example import example_ct_files, example_parts
+        from custom_components.data.example import parse_held_out_slices
+        from custom_components.errors import GuideGenInputError
 
         try:
-            first, stop = (int(v) for v in args.held_out_slices.split(","))
-            example_parts(nib.load(str(example_ct_files()["image"])).shape[2], (first, stop))
-        except ValueError as err:
-            parser.error(f"--held_out_slices {args.held_out_slices!r}: FIRST,STOP inside the example CT ({err})")
+            args.held_out_slices = parse_held_out_slices(args.held_out_slices)
+        except GuideGenInputError as err:
+            parser.error(str(err))
         return
     for path in (args.held_out_ct, args.held_out_seg):
         if not path.is_file():

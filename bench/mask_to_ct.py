@@ -320,13 +320,13 @@ def main() -> None:
     results_path = args.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"maps": {}}
     runs = [(map_name, prediction) for map_name in maps for prediction in predictions]
-    for map_name in maps:  # the trivial baseline, once per class map (no seed: it does not learn)
-        train_list, held_list = build_data(args.work_dir, map_name, held_out)
+    data = {map_name: build_data(args.work_dir, map_name, held_out) for map_name in maps}
+    for map_name, (train_list, held_list) in data.items():  # the trivial baseline, once per map (no seed: it does not learn)
         painted = paint_class_medians(train_list, held_list, args.work_dir / map_name / "paint")
         per_case = score(held_list, painted, args.min_voxels)
         results["maps"][f"{map_name}, paint (baseline)"] = {"per_seed": {"-": per_case}, "summary": summarise({"-": per_case})}
     for map_name, prediction in runs:
-        train_list, held_list = build_data(args.work_dir, map_name, held_out)
+        train_list, held_list = data[map_name]
         per_seed = {}
         for seed in seeds:
             generated, seconds = train_and_generate(map_name, prediction, seed, args, train_list, held_list)

@@ -151,8 +151,9 @@ def demo_data(
         the path of the datalist written.
     """
     from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.example import parse_held_out_slices
 
-    held_out = _held_out_slices(held_out_slices)
+    held_out = parse_held_out_slices(held_out_slices)
 
     datalist = build_demo_dataset(
         writable_folder(output_dir),
@@ -167,23 +168,6 @@ def demo_data(
     )
     print(f"demo data set ready: {datalist}", file=sys.stderr)
     return str(datalist)
-
-
-def _held_out_slices(value: Any) -> tuple[int, int]:
-    """``--held_out_slices`` as ``(first, stop)``, checked against the example CT before anything is written."""
-    import nibabel as nib
-
-    from custom_components.data.example import example_ct_files, example_parts
-
-    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-    if len(parts) != 2:
-        raise GuideGenInputError(f"--held_out_slices {value!r}: give two slice numbers FIRST,STOP, e.g. 52,82")
-    first, stop = (whole_number(v, "held_out_slices", minimum=0) for v in parts)
-    try:
-        example_parts(nib.load(str(example_ct_files()["image"])).shape[2], (first, stop))
-    except ValueError as err:
-        raise GuideGenInputError(f"--held_out_slices {first},{stop}: {err}") from None
-    return first, stop
 
 
 def _checked_generation(

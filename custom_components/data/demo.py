@@ -91,9 +91,9 @@ def _copy_example(raw_dir: Path, held_out: tuple[int, int]) -> list[str]:
         for kind, image in images.items():
             target = raw_dir / kind / f"{case_id}.nii.gz"
             training_part = image.slicer[:, :, first:stop]
+            existing = nib.load(str(target)) if target.is_file() else None
             # a raw folder from another hold-out holds other slices: replace it
-            if not target.is_file() or not np.allclose(nib.load(str(target)).affine, training_part.affine) \
-                    or nib.load(str(target)).shape != training_part.shape:
+            if existing is None or existing.shape != training_part.shape or not np.allclose(existing.affine, training_part.affine):
                 atomic_write(target, lambda temporary, image=training_part: nib.save(image, str(temporary)))
     license_copy = raw_dir / files["license"].name
     if not license_copy.is_file():

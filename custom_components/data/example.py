@@ -15,7 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXAMPLE_CASE_ID", "EXAMPLE_RECORD", "HELD_OUT_SLICES", "example_ct_files", "example_parts"]
+from custom_components.arguments import whole_number
+from custom_components.errors import GuideGenInputError
+
+__all__ = ["EXAMPLE_CASE_ID", "EXAMPLE_RECORD", "HELD_OUT_SLICES", "example_ct_files", "example_parts", "parse_held_out_slices"]
 
 # [first, stop) axial slices held out of every training set: 82-111 are TotalSegmentator's ct_small example
 HELD_OUT_SLICES = (82, 112)
@@ -62,3 +65,22 @@ def example_parts(num_slices: int, held_out: tuple[int, int] = HELD_OUT_SLICES) 
         raise ValueError(f"held-out slices [{first}, {stop}) do not lie inside the example CT's {num_slices} slices")
     parts = {EXAMPLE_CASE_ID: (0, first), f"{EXAMPLE_CASE_ID}_above": (stop, num_slices)}
     return {case_id: (a, b) for case_id, (a, b) in parts.items() if b > a}
+
+
+def parse_held_out_slices(value: Any) -> tuple[int, int]:
+    """``--held_out_slices`` (``"FIRST,STOP"`` or two numbers) as ``(first, stop)``, checked against the example CT.
+
+    Raises:
+        GuideGenInputError: not two whole numbers, or a range outside the example CT (the message names the fix).
+    """
+    import nibabel as nib
+
+    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(parts) != 2:
+        raise GuideGenInputError(f"--held_out_slices {value!r}: give two slice numbers FIRST,STOP, e.g. 52,82")
+    first, stop = (whole_number(v, "held_out_slices", minimum=0) for v in parts)
+    try:
+        example_parts(nib.load(str(example_ct_files()["image"])).shape[2], (first, stop))
+    except ValueError as err:
+        raise GuideGenInputError(f"--held_out_slices {first},{stop}: {err}") from None
+    return first, stop
