@@ -69,7 +69,7 @@ class HeldOut:
     """
 
     def __init__(self, work_dir: Path, held_out_ct: Path, held_out_seg: Path, slices: tuple[int, int] | None) -> None:
-        from custom_components.data.example import HELD_OUT_SLICES, example_ct_files
+        from custom_components.data.demo.example import HELD_OUT_SLICES, example_ct_files
 
         if slices is None:
             self.ct, self.seg, self.ts_version, self.case_id, self.slices = held_out_ct, held_out_seg, "v2", "ct_small", HELD_OUT_SLICES
@@ -111,7 +111,7 @@ def prepare_held_out_slab(work_dir: Path, held_out: HeldOut, output: Path, class
 
 def build_data(work_dir: Path, held_out: HeldOut) -> tuple[Path, Path]:
     """The demo training data set (phantoms + the example CT without the held-out slices) and the held-out case."""
-    from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.demo.dataset import build_demo_dataset
 
     train_datalist = build_demo_dataset(work_dir / "train_data", val_fraction=0.0, progress=False, held_out_slices=held_out.slices)
     return Path(train_datalist), prepare_held_out_slab(work_dir, held_out, work_dir / "held_out_data")
@@ -294,7 +294,7 @@ def check_held_out_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     """``--held_out_slices`` parsed to ``(first, stop)`` inside the example CT (as ``guidegen demo-data`` does), or the
     held-out files present."""
     if args.held_out_slices is not None:
-        from custom_components.data.example import parse_held_out_slices
+        from custom_components.data.demo.example import parse_held_out_slices
         from custom_components.errors import GuideGenInputError
 
         try:

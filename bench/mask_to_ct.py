@@ -76,7 +76,7 @@ def _pad_z(path: Path, target: int, out: Path) -> tuple[int, int]:
 def build_data(work_dir: Path, map_name: str, held_out: HeldOut) -> tuple[Path, Path]:
     """The demo training set and the held-out set (slab + unseen phantoms) of one class map."""
     from custom_components.data.class_map import load_class_map
-    from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.demo.dataset import build_demo_dataset
 
     body = map_name == "body"
     root = work_dir / map_name

@@ -150,8 +150,8 @@ def demo_data(
     Returns:
         the path of the datalist written.
     """
-    from custom_components.data.demo import build_demo_dataset
-    from custom_components.data.example import parse_held_out_slices
+    from custom_components.data.demo.dataset import build_demo_dataset
+    from custom_components.data.demo.example import parse_held_out_slices
 
     held_out = parse_held_out_slices(held_out_slices)
 

@@ -64,7 +64,7 @@ def make_dataset(tmp_path: Path) -> Callable[..., dict[str, Path]]:
 
 @pytest.fixture(scope="session")
 def example_files() -> dict[str, Path]:
-    from custom_components.data.example import example_ct_files
+    from custom_components.data.demo.example import example_ct_files
 
     files = example_ct_files()
     assert all(path.is_file() for path in files.values()), files

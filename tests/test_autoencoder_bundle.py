@@ -32,7 +32,7 @@ TINY_ARCHITECTURE = {
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.demo.dataset import build_demo_dataset
 
     root = tmp_path_factory.mktemp("autoencoder")
     datalist = build_demo_dataset(root / "demo", num_phantoms=3, mask_size=8, image_size=16, progress=False)

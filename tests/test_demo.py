@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from custom_components.data.class_map import load_class_map
 from custom_components.data.datalist import load_datalist
-from custom_components.data.demo import build_demo_dataset
-from custom_components.data.example import EXAMPLE_CASE_ID, HELD_OUT_SLICES, example_ct_files, example_parts
+from custom_components.data.demo.dataset import build_demo_dataset
+from custom_components.data.demo.example import EXAMPLE_CASE_ID, HELD_OUT_SLICES, example_ct_files, example_parts
 from custom_components.errors import GuideGenInputError
 
 

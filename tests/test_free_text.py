@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from custom_components.data.free_text import is_template_prompt, parse_free_text
-from custom_components.data.phantom import make_phantom_record
+from custom_components.data.demo.records import make_phantom_record
 from custom_components.data.prompts import record_to_prompt, stated_tumor_count
 from custom_components.data.requests import load_requests, request_from_text
 from custom_components.errors import GuideGenInputError

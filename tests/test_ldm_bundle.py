@@ -39,7 +39,7 @@ def save_tiny_autoencoder(path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.demo.dataset import build_demo_dataset
 
     root = tmp_path_factory.mktemp("ldm")
     datalist = build_demo_dataset(root / "demo", num_phantoms=3, mask_size=8, image_size=16, progress=False)

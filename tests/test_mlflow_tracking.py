@@ -29,7 +29,7 @@ KILL_AT = 3  # iterations: epoch 1 is checkpointed (2 iterations of 3 training c
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.demo.dataset import build_demo_dataset
 
     root = tmp_path_factory.mktemp("mlflow")
     # 4 cases: 3 training, 1 validation

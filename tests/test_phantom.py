@@ -1,4 +1,4 @@
-"""Tests of the procedural torso phantom (:mod:`custom_components.data.phantom`)."""
+"""Tests of the procedural torso phantom (:mod:`custom_components.data.demo.phantom` and its records)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from custom_components.data.phantom import (
-    LABELS,
-    TUMOR_ORGANS,
-    Phantom,
-    generate_phantom,
-    make_phantom_record,
-)
+from custom_components.data.demo.labels import LABELS, TUMOR_ORGANS
+from custom_components.data.demo.phantom import Phantom, generate_phantom
+from custom_components.data.demo.records import make_phantom_record
 from custom_components.data.records import RECORD_FIELDS, normalize_record
 
 DEFAULT_SHAPE = (64, 64, 80)

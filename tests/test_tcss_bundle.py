@@ -25,7 +25,7 @@ TINY_ARCHITECTURE = TINY_TEXT_UNET
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from custom_components.data.demo import build_demo_dataset
+    from custom_components.data.demo.dataset import build_demo_dataset
 
     root = tmp_path_factory.mktemp("tcss")
     datalist = build_demo_dataset(root / "demo", num_phantoms=3, mask_size=16, image_size=16, progress=False)

@@ -1,6 +1,6 @@
 """``guidegen demo-data``: a small data set that lets every stage run on a laptop CPU.
 
-It writes procedural torso phantoms (:mod:`custom_components.data.phantom`) as *raw* data, exactly as a
+It writes procedural torso phantoms (:mod:`custom_components.data.demo.phantom`) as *raw* data, exactly as a
 user's real data would look (CT NIfTI, TotalSegmentator-v1 multi-label segmentation, tumor mask, a CSV of
 clinical records), adds the real abdominal example CT that ships with the package, and runs the raw folder
 through :func:`custom_components.data.prepare.prepare_dataset`. The demo therefore exercises the same
@@ -24,11 +24,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from custom_components.data.class_map import load_class_map
-from custom_components.data.example import EXAMPLE_RECORD, HELD_OUT_SLICES, example_ct_files, example_parts
-from custom_components.data.writers import atomic_write, save_nifti, write_json
-from custom_components.data.phantom import REFERENCE_FIELD_OF_VIEW_MM, generate_phantom, make_phantom_record
+from custom_components.data.demo.example import EXAMPLE_RECORD, HELD_OUT_SLICES, example_ct_files, example_parts
+from custom_components.data.demo.labels import REFERENCE_FIELD_OF_VIEW_MM
+from custom_components.data.demo.phantom import generate_phantom
+from custom_components.data.demo.records import make_phantom_record
 from custom_components.data.prepare import PrepareSettings, parse_size, prepare_dataset
 from custom_components.data.records import RECORD_FIELDS
+from custom_components.data.writers import atomic_write, save_nifti, write_json
 from custom_components.errors import GuideGenInputError
 
 __all__ = ["build_demo_dataset"]
@@ -139,7 +141,7 @@ def build_demo_dataset(
         body_class: use the shipped body class map (``class_map_body.json``): background inside the body
             becomes its own class (see :mod:`custom_components.data.body`).
         held_out_slices: ``(first, stop)`` axial slices of the example CT kept out of the data set (the real test
-            case); see :func:`custom_components.data.example.example_parts`.
+            case); see :func:`custom_components.data.demo.example.example_parts`.
 
     Returns:
         the datalist path.
