@@ -199,16 +199,14 @@ def checkpoint_metrics(folder: Path, image_hu: np.ndarray, labels: np.ndarray) -
     import torch
 
     from custom_components.data.class_map import load_class_map
-    from custom_components.networks import MaskGuidedAutoencoder
+    from custom_components.networks import network_from_info
     from custom_components.pipelines import AutoencoderPipeline, reconstruction_metrics
 
     found: dict[int, dict[str, float]] = {}
     for path in sorted(folder.glob("checkpoint_epoch=*.pt")):
         state = torch.load(path, map_location="cpu", weights_only=True)
         info = state["info"]
-        network = MaskGuidedAutoencoder(num_classes=load_class_map().num_classes if info["mask_input"] else 0, **{
-            key: value for key, value in info["architecture"].items() if key != "use_checkpointing"
-        })  # fmt: skip
+        network = network_from_info(info, load_class_map().num_classes)
         network.load_state_dict(state["network"])
         mask = labels if network.num_classes else None
         metrics = reconstruction_metrics(image_hu, AutoencoderPipeline(network.eval(), progress=False).reconstruct(image_hu, mask))

@@ -158,3 +158,21 @@ def test_generate_with_a_corrupt_tcss_model_stops_without_a_traceback(tmp_path):
     assert str(corrupt) in result.stderr and "checksum" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "out").glob("sample_*"))
+
+
+@pytest.mark.parametrize("name", ["tcss", "ldm", "autoencoder"])
+def test_any_stage_is_rebuilt_from_its_model_file_alone(name):
+    """One builder for every stage (issue 18): the network a shipped file's info describes takes its weights strictly,
+    and what cannot be built is refused by name."""
+    from custom_components.networks import load_network, network_from_info, CheckpointInfo
+
+    path = ROOT / f"bundles/guidegen_{name}/models/model.pt"
+    info = read_checkpoint_info(path, stage=name)
+    network = network_from_info(info, info["num_classes"], text_dim=384)
+    loaded = load_network(path, network, CheckpointInfo(name, info["num_classes"], info["class_map_name"]))
+    assert not loaded.training and sum(p.numel() for p in loaded.parameters()) > 0
+    if name != "autoencoder":
+        with pytest.raises(GuideGenInputError, match="text_dim"):
+            network_from_info(info, info["num_classes"])
+    with pytest.raises(GuideGenInputError, match="stage 'gan'"):
+        network_from_info({**info, "stage": "gan"}, info["num_classes"], text_dim=384)

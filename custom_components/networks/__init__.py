@@ -4,12 +4,14 @@ U-Net they condition, the autoencoder and latent denoiser, and the one reader of
 from .autoencoder import MaskGuidedAutoencoder, VoxelNorm
 from .checkpoints import (
     MODEL_INFO_KEY,
+    STAGE_NETWORKS,
     STAGES,
     CheckpointInfo,
     load_model_weights,
     load_network,
     model_file_digest,
     model_state_dict,
+    network_from_info,
     read_checkpoint_info,
     read_intact_model_file,
     read_model_file,
@@ -26,12 +28,14 @@ from .unet import CrossAttentionUNet3D, TextConditionedUNet
 
 __all__ = [
     "STAGES",
+    "STAGE_NETWORKS",
     "MODEL_INFO_KEY",
     "CheckpointInfo",
     "load_model_weights",
     "load_network",
     "model_file_digest",
     "model_state_dict",
+    "network_from_info",
     "read_checkpoint_info",
     "read_intact_model_file",
     "read_model_file",

@@ -17,6 +17,10 @@ Every model file is verified when it is read (:func:`read_model_file`, the one p
 there, and finite parameters. A damaged file stops the run with the file and the fix named; the checks run once per
 version of a file (path, size, modification time) in a process.
 
+Each file's info also holds its network's ``architecture``: :func:`network_from_info` rebuilds any stage's network from
+it (a registry by stage, :data:`STAGE_NETWORKS`) and :func:`load_network` loads the weights into it, so inference and
+the pipelines need the model file alone.
+
 Writing model files (and resuming training) is the training engine's (:mod:`custom_components.engines.checkpoints`);
 this module reads only, so the in-memory pipelines can load networks without loading a writer.
 """
@@ -27,14 +31,18 @@ import logging
 import os
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import yaml
 
 from custom_components.errors import GuideGenInputError
+from custom_components.networks.autoencoder import MaskGuidedAutoencoder
+from custom_components.networks.factory import build_text_conditioned_unet
+from custom_components.networks.latent_denoiser import build_latent_denoiser
 
 __all__ = [
     "STAGES",
@@ -45,6 +53,8 @@ __all__ = [
     "read_checkpoint_info",
     "load_model_weights",
     "load_network",
+    "network_from_info",
+    "STAGE_NETWORKS",
     "MODEL_INFO_KEY",
     "model_state_dict",
     "split_model_file",
@@ -373,3 +383,75 @@ def load_network(
     """
     load_model_weights(path, network, info, map_location)
     return network.eval()
+
+
+def _denoiser_architecture(info: Mapping[str, Any], inference_slab_rows: int | None) -> dict[str, Any]:
+    # checkpointing only trades compute for memory in training; the slab rows change memory, never the result
+    return dict(info["architecture"], use_checkpointing=False, inference_slab_rows=inference_slab_rows)
+
+
+def _tcss_network(info: Mapping[str, Any], num_classes: int, text_dim: int | None, inference_slab_rows: int | None) -> torch.nn.Module:
+    return build_text_conditioned_unet(in_channels=num_classes, out_channels=num_classes, text_dim=_required_text_dim(text_dim, "tcss"),
+                                       **_denoiser_architecture(info, inference_slab_rows))
+
+
+def _ldm_network(info: Mapping[str, Any], num_classes: int, text_dim: int | None, inference_slab_rows: int | None) -> torch.nn.Module:
+    return build_latent_denoiser(latent_channels=int(info["latent_shape"][0]), num_classes=num_classes,
+                                 text_dim=_required_text_dim(text_dim, "ldm"), mask_encoding=info["mask_encoding"],
+                                 mask_factor=info["mask_factor"], mask_embed_channels=info["mask_embed_channels"],
+                                 **_denoiser_architecture(info, inference_slab_rows))
+
+
+def _autoencoder_network(info: Mapping[str, Any], num_classes: int, text_dim: int | None, inference_slab_rows: int | None) -> torch.nn.Module:
+    architecture = info["architecture"]
+    return MaskGuidedAutoencoder(
+        # an image-only autoencoder (mask_input false) takes no mask pyramid, whatever the class map
+        num_classes=num_classes if info.get("mask_input", True) else 0,
+        channels=architecture["channels"],
+        num_res_blocks=architecture["num_res_blocks"],
+        latent_channels=architecture["latent_channels"],
+        norm=architecture.get("norm", "voxel"),
+        norm_num_groups=architecture.get("norm_num_groups", 32),
+        # model files written before the intensity normalisation existed were trained without it
+        intensity_shift=architecture.get("intensity_shift", 0.0),
+        intensity_scale=architecture.get("intensity_scale", 1.0),
+    )
+
+
+def _required_text_dim(text_dim: int | None, stage: str) -> int:
+    if text_dim is None:
+        raise GuideGenInputError(f"the {stage} network is text-conditioned: pass text_dim (the text encoder's hidden size)")
+    return int(text_dim)
+
+
+STAGE_NETWORKS: Mapping[str, Callable[[Mapping[str, Any], int, int | None, int | None], torch.nn.Module]] = MappingProxyType(
+    {"tcss": _tcss_network, "ldm": _ldm_network, "autoencoder": _autoencoder_network}
+)
+"""Stage -> builder of its network from a model file's info entry (:func:`network_from_info`)."""
+
+
+def network_from_info(
+    info: Mapping[str, Any], num_classes: int, text_dim: int | None = None, inference_slab_rows: int | None = None
+) -> torch.nn.Module:
+    """The untrained network a model file's info entry describes, ready for :func:`load_network` (any stage).
+
+    The TCSS denoiser (paper Eq. 5-6 with Eq. 3-4's knowledge injection), the autoencoder (Eq. 7) or the latent
+    denoiser (Eq. 10-11), as :data:`STAGE_NETWORKS` builds them from the ``architecture`` stored at training time.
+    A bundle's inference config makes its ``network_def`` with this (what the model zoo's ``ckpt_export`` exports).
+
+    Args:
+        info: :func:`read_checkpoint_info` of the model file.
+        num_classes: N of the class map in use (the mask's channels; ignored by an image-only autoencoder).
+        text_dim: the text encoder's hidden size (the TCSS and latent denoisers).
+        inference_slab_rows: rows per slab of the denoisers' memory-lean inference (None: plain forward).
+
+    Returns:
+        the network, with fresh weights.
+
+    Raises:
+        GuideGenInputError: an info entry of no known stage, or a denoiser without ``text_dim``.
+    """
+    stage = info.get("stage")
+    if stage not in STAGE_NETWORKS:
+        raise GuideGenInputError(f"the model file's info names stage {stage!r}; expected one of {tuple(STAGE_NETWORKS)}")
+    return STAGE_NETWORKS[stage](info, int(num_classes), text_dim, inference_slab_rows)

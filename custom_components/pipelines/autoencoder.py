@@ -43,7 +43,7 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
     Raises:
         GuideGenInputError: missing/unreadable file, another stage's file, or another class count.
     """
-    from custom_components.networks.checkpoints import CheckpointInfo, load_model_weights, read_checkpoint_info
+    from custom_components.networks.checkpoints import CheckpointInfo, load_model_weights, network_from_info, read_checkpoint_info
 
     if not Path(model_path).is_file():
         raise GuideGenInputError(
@@ -51,18 +51,7 @@ def load_autoencoder(model_path: str | os.PathLike, class_map: Any, device: torc
             "models/model.pt) or pass --autoencoder_path"
         )
     info = read_checkpoint_info(model_path, stage="autoencoder")
-    architecture = dict(info["architecture"])
-    network = MaskGuidedAutoencoder(
-        num_classes=class_map.num_classes if info.get("mask_input", True) else 0,
-        channels=architecture["channels"],
-        num_res_blocks=architecture["num_res_blocks"],
-        latent_channels=architecture["latent_channels"],
-        norm=architecture.get("norm", "voxel"),
-        norm_num_groups=architecture.get("norm_num_groups", 32),
-        # model files written before the intensity normalisation existed were trained without it
-        intensity_shift=architecture.get("intensity_shift", 0.0),
-        intensity_scale=architecture.get("intensity_scale", 1.0),
-    )
+    network = network_from_info(info, class_map.num_classes)
     if info.get("mask_input", True):
         expected = CheckpointInfo("autoencoder", class_map.num_classes, class_map.name)
     else:  # an image-only autoencoder never sees a mask: it serves any class map (e.g. with and without the body class)
