@@ -8,10 +8,12 @@ not use), and each command checks its values before it does any work.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ from custom_components.errors import GuideGenInputError
 
 if TYPE_CHECKING:
     from custom_components.data.requests import GenerationRequest
+    from custom_components.runs.generate import GenerationRun
 
 __all__ = ["prepare", "demo_data", "generate", "synthesize", "evaluate", "package", "main"]
 
@@ -189,6 +192,25 @@ def _generation_requests(prompt: str | None, prompts: str | None, record: Any, c
     return requests, problems
 
 
+def _checked_run(options: Mapping[str, Any]) -> GenerationRun:
+    """The shared front of generate and synthesize: their options (the command's arguments by name) as the typed
+    :class:`~custom_components.runs.generate.GenerationSettings` and
+    :class:`~custom_components.pipelines.text_to_pair.ChainSources` (each checks its values when made), the requests,
+    then :func:`~custom_components.runs.generate.check_generation`, before any model is loaded or anything written.
+    """
+    from custom_components.pipelines.text_to_pair import ChainSources
+    from custom_components.runs.generate import GenerationSettings, check_generation
+
+    def given(kind: type) -> dict[str, Any]:
+        return {field.name: options[field.name] for field in dataclasses.fields(kind) if field.name in options}
+
+    mask = options["mask"]
+    settings = GenerationSettings(**given(GenerationSettings), mask_file=str(Path(mask).resolve()) if mask else None)
+    chain = ChainSources(**given(ChainSources), class_map_path=options["class_map"])
+    requests = _generation_requests(options["prompt"], options["prompts"], options["record"], options["class_map"])
+    return check_generation(requests, settings, options["output_dir"], chain)
+
+
 def _report_broken_rows(problems: list[str]) -> None:
     """List the prompt-file rows left out and end with exit status 1 (the other rows were generated)."""
     if problems:
@@ -265,17 +287,10 @@ def generate(
     Returns:
         the run folder.
     """
-    from custom_components.pipelines.text_to_pair import ChainSources
-    from custom_components.runs.generate import GenerationSettings, check_generation, execute_generation
+    from custom_components.runs.generate import execute_generation
 
     overwrite = _switch(overwrite, "overwrite")
-    settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
-                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale,
-                                  mask_file=str(Path(mask).resolve()) if mask else None)
-    chain = ChainSources(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
-                         text_encoder_path=text_encoder_path, class_map_path=class_map, decode_tile=decode_tile,
-                         keep_models_loaded=keep_models_loaded)
-    run = check_generation(_generation_requests(prompt, prompts, record, class_map), settings, output_dir, chain)
+    run = _checked_run(locals())
     report = execute_generation(run, overwrite=overwrite)
     print(f"generated {len(report['generated'])}, already there {len(report['skipped'])}: {run.output_dir}", file=sys.stderr)
     _report_broken_rows(run.problems)
@@ -353,8 +368,7 @@ def synthesize(
     from custom_components.data.class_map import load_class_map
     from custom_components.data.nnunet import check_nnunet_raw_dataset, dataset_folder_name
     from custom_components.engines.distributed import cleanup_distributed, init_distributed
-    from custom_components.pipelines.text_to_pair import ChainSources
-    from custom_components.runs.generate import GenerationSettings, check_generation, finish_run, run_manifest, start_run
+    from custom_components.runs.generate import finish_run, run_manifest, start_run
     from custom_components.runs.synthesize import FORMATS, run_shard, run_workers, write_synthetic_dataset
 
     output_format = choice(output_format, "format", FORMATS)
@@ -362,15 +376,9 @@ def synthesize(
     dataset_id = int(dataset_id)
     num_workers = whole_number(num_workers, "num_workers", minimum=1)
     overwrite = _switch(overwrite, "overwrite")
-    settings = GenerationSettings(num_samples=num_samples, seed=seed, tcss_steps=tcss_steps, ldm_steps=ldm_steps,
-                                  guidance_scale=guidance_scale, tcss_guidance_scale=tcss_guidance_scale,
-                                  mask_file=str(Path(mask).resolve()) if mask else None)
-    chain = ChainSources(tcss_model=tcss_model, ldm_model=ldm_model, autoencoder_model=autoencoder_model, device=device,
-                         text_encoder_path=text_encoder_path, class_map_path=class_map, decode_tile=decode_tile,
-                         keep_models_loaded=keep_models_loaded)
-    run = check_generation(_generation_requests(prompt, prompts, record, class_map), settings, output_dir, chain)
+    run = _checked_run(locals())
     classes = load_class_map(class_map)
-    plan, chain = run.plan, run.chain
+    settings, plan, chain = run.settings, run.plan, run.chain
     samples_dir = str(run.output_dir / "samples")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
