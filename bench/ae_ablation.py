@@ -32,13 +32,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from bundle_runs import train_bundle  # bench/ is on sys.path when a bench runs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLE = REPO.parent / "shared" / "data" / "totalsegmentator_example"
@@ -137,27 +137,9 @@ def _aekl_config(work_dir: Path) -> Path:
 
 def train(name: str, seed: int, args: argparse.Namespace, train_datalist: Path) -> tuple[Path, float]:
     """Train one variant with the bundle's command (skipped when an earlier run of this script finished it)."""
-    folder = args.work_dir / name / f"seed{seed}"
-    model, timing = folder / "models" / "model.pt", folder / "train_seconds.txt"
-    if model.is_file() and timing.is_file():
-        return model, float(timing.read_text())
     configs = list(TRAIN_CONFIGS) + ([str(_aekl_config(args.work_dir))] if name == "monai_aekl" else [])
-    command = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(configs),
-        "--datalist", str(train_datalist), "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
-        "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--resume", "True",
-    ]
-    for key, value in VARIANTS[name].items():
-        command += [f"--{key}", str(value)]
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(folder / "train.log", "w") as log:
-        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    if result.returncode:
-        raise SystemExit(f"training {name} seed {seed} failed (exit {result.returncode}); see {folder / 'train.log'}")
-    seconds = time.perf_counter() - start
-    timing.write_text(f"{seconds:.1f}\n")
-    return model, seconds
+    return train_bundle(args.work_dir / name / f"seed{seed}", configs, train_datalist, args.max_epochs, seed, args.threads,
+                        VARIANTS[name])
 
 
 def reconstruct(name: str, model: Path, image_hu: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ import nibabel as nib
 import numpy as np
 from monai.networks.schedulers.ddpm import DDPMPredictionType
 from ae_ablation import HeldOut, check_held_out_arguments, prepare_held_out_slab  # the same held-out slab (bench/ on sys.path)
+from bundle_runs import run_logged, train_bundle
 from ldm_alignment import on_grid  # nearest-neighbour label resampling, as the alignment bench does
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,13 +114,6 @@ def build_data(work_dir: Path, map_name: str, held_out: HeldOut) -> tuple[Path, 
     return Path(train), held / "datalist.json"
 
 
-def _run(command: list[str], log: Path, threads: int) -> None:
-    with open(log, "w") as handle:
-        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command[:6])} ... failed (exit {result.returncode}); see {log}")
-
-
 def run_folder(work_dir: Path, map_name: str, prediction: str, seed: int) -> Path:
     """Where one generator (class map, prediction type, seed) is trained and its CTs are written."""
     return work_dir / map_name / prediction / f"seed{seed}"
@@ -131,24 +124,17 @@ def train_and_generate(
 ) -> tuple[Path, float]:
     """Train one generator (resumable; skipped when done) and generate CTs for the held-out masks."""
     folder = run_folder(args.work_dir, map_name, prediction, seed)
-    model, timing = folder / "models" / "model.pt", folder / "train_seconds.txt"
     folder.mkdir(parents=True, exist_ok=True)
-    if not (model.is_file() and timing.is_file()):
-        start = time.perf_counter()
-        _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIGS),
-              "--datalist", str(train_list), "--autoencoder_path", str(args.autoencoder_path),
-              "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
-              "--max_epochs", str(args.max_epochs), "--seed", str(seed), "--prediction_type", prediction,
-              "--resume", "True"], folder / "train.log", args.threads)
-        timing.write_text(f"{time.perf_counter() - start:.1f}\n")
+    model, seconds = train_bundle(folder, TRAIN_CONFIGS, train_list, args.max_epochs, seed, args.threads,
+                                  {"autoencoder_path": args.autoencoder_path, "prediction_type": prediction})
     generated = folder / "generated"
     if not (generated / "done").is_file():
-        _run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "bundles/guidegen_ldm/configs/inference.yaml",
+        run_logged([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "bundles/guidegen_ldm/configs/inference.yaml",
               "--model_path", str(model), "--autoencoder_path", str(args.autoencoder_path), "--datalist", str(held_list),
               "--split", "validation", "--output_dir", str(generated), "--num_inference_steps", str(args.steps),
               "--seed", str(seed), "--class_map_path", str(held_list.parent / "class_map.json")], folder / "generate.log", args.threads)
         (generated / "done").write_text("")
-    return generated, float(timing.read_text())
+    return generated, seconds
 
 
 def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[str, object]]:

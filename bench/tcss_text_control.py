@@ -43,8 +43,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -52,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bundle_runs import train_bundle  # bench/ is on sys.path when a bench runs
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = ("bundles/guidegen_tcss/configs/train.yaml", "bundles/guidegen_tcss/configs/train_cpu.yaml")
@@ -68,26 +67,10 @@ STEERING_PATIENT = {"age": 60, "sex": "female", "race": "White", "tumor_count": 
 
 def train(name: str, seed: int, args: argparse.Namespace) -> Path:
     """Train (or resume, or reuse) one variant with the bundle's command; returns its model file."""
-    folder = args.work_dir / name / f"seed{seed}"
-    model, done = folder / "models" / "model.pt", folder / "train_seconds.txt"
-    if model.is_file() and done.is_file():
-        return model
-    command = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(list(TRAIN_CONFIGS)),
-        "--datalist", str(args.datalist), "--ckpt_dir", str(folder / "models"), "--output_dir", str(folder / "outputs"),
-        "--max_epochs", str(args.max_epochs), "--save_interval", "1", "--seed", str(seed), "--resume", "True",
-        "--mask_size", str(list(args.mask_size)),  # the data set's own size (train_cpu.yaml would resize to 32^3)
-    ]
-    for key, value in VARIANTS[name].items():
-        command += [f"--{key}", str(value)]
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(folder / "train.log", "a") as log:
-        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    if result.returncode:
-        raise SystemExit(f"training {name} seed {seed} failed (exit {result.returncode}); see {folder / 'train.log'}")
-    done.write_text(f"{time.perf_counter() - start:.1f}\n")
+    # the data set's own mask size (train_cpu.yaml would resize to 32^3); a checkpoint every epoch
+    overrides = {"save_interval": 1, "mask_size": list(args.mask_size), **VARIANTS[name]}
+    model, _ = train_bundle(args.work_dir / name / f"seed{seed}", TRAIN_CONFIGS, args.datalist, args.max_epochs, seed,
+                            args.threads, overrides, append_log=True)
     return model
 
 
