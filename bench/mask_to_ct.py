@@ -124,7 +124,6 @@ def train_and_generate(
 ) -> tuple[Path, float]:
     """Train one generator (resumable; skipped when done) and generate CTs for the held-out masks."""
     folder = run_folder(args.work_dir, map_name, prediction, seed)
-    folder.mkdir(parents=True, exist_ok=True)
     model, seconds = train_bundle(folder, TRAIN_CONFIGS, train_list, args.max_epochs, seed, args.threads,
                                   {"autoencoder_path": args.autoencoder_path, "prediction_type": prediction})
     generated = folder / "generated"

@@ -201,12 +201,14 @@ def _checked_run(options: Mapping[str, Any]) -> GenerationRun:
     from custom_components.pipelines.text_to_pair import ChainSources
     from custom_components.runs.generate import GenerationSettings, check_generation
 
-    def given(kind: type) -> dict[str, Any]:
-        return {field.name: options[field.name] for field in dataclasses.fields(kind) if field.name in options}
+    def given(kind: type, *supplied: str) -> dict[str, Any]:
+        # every other field must be an option of the command: a renamed option fails here, it never falls to a default
+        return {field.name: options[field.name] for field in dataclasses.fields(kind) if field.name not in supplied}
 
     mask = options["mask"]
-    settings = GenerationSettings(**given(GenerationSettings), mask_file=str(Path(mask).resolve()) if mask else None)
-    chain = ChainSources(**given(ChainSources), class_map_path=options["class_map"])
+    settings = GenerationSettings(**given(GenerationSettings, "mask_file"), mask_file=str(Path(mask).resolve()) if mask else None)
+    # with_tcss follows the settings: check_generation sets it
+    chain = ChainSources(**given(ChainSources, "class_map_path", "with_tcss"), class_map_path=options["class_map"])
     requests = _generation_requests(options["prompt"], options["prompts"], options["record"], options["class_map"])
     return check_generation(requests, settings, options["output_dir"], chain)
 

@@ -281,8 +281,9 @@ def check_generation(
 ) -> GenerationRun:
     """Check a run's input before anything is built or written: what the user can get wrong is refused here.
 
-    Checks the requests, the output folder, the class map, every model file (present, intact, of the right stage: its info entry is read, no network is built), the step counts
-    against each model's training schedule and a given mask (readable, whole-number labels, size, classes).
+    Checks the requests, the output folder, the class map, every model file (present, intact, of the right stage: its
+    info entry is read, no network is built), the step counts against each model's training schedule and a given mask
+    (readable, whole-number labels, size, classes).
     ``guidegen generate``, ``guidegen synthesize`` and the meta-bundle all start with this (the device, decode tile and
     text encoder folder were checked when their :class:`~custom_components.pipelines.text_to_pair.ChainSources` was made).
 
@@ -301,6 +302,7 @@ def check_generation(
     """
     from custom_components.data.class_map import load_class_map
     from custom_components.networks.checkpoints import read_checkpoint_info
+
     problems: Sequence[str] = []
     if isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[1], list):
         requests, problems = requests
