@@ -17,6 +17,9 @@ patient, different anatomy (upper abdomen with the lung bases vs abdomen-pelvis)
 then the slices on both sides train, and the upper abdomen's organs, which lie only in slices 81-111, are seen in
 training); its test case is those slices with the example CT's own TotalSegmentator v1 labels, prepared the same way.
 
+``--shipped`` also scores the repository's demo autoencoder (``bundles/guidegen_autoencoder/models/model.pt``, made by
+``scripts/train_demo.sh``, which holds ``ct_small`` out too) beside the baselines, without training it.
+
 PSNR is computed per clinical window (lung, soft tissue, bone) with the window width as data range; MAE over the
 volume. Per variant the JSON holds every seed, the median and the spread (max - min).
 
@@ -56,6 +59,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "monai_aekl": {},  # MONAI's AutoencoderKL in place of ours, see _aekl_config
 }
 BASELINES = ("pool4", "constant")
+SHIPPED_MODEL = REPO / "bundles" / "guidegen_autoencoder" / "models" / "model.pt"
 METRICS = ("psnr_lung", "psnr_soft_tissue", "psnr_bone", "mae_hu")
 
 
@@ -259,7 +263,7 @@ def markdown_table(output: dict[str, object]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in results.items():
-        if name in BASELINES:
+        if name in BASELINES or name == "shipped":  # one number each: no seeds
             cells = [f"{entry[m]:.2f}" for m in METRICS]
             margin, seconds = "—" if name == "pool4" else f"{min(entry[m] - pool[m] for m in METRICS[:3]):+.2f} dB", "—"
         else:
@@ -299,6 +303,7 @@ def main() -> None:
     parser.add_argument("--held_out_slices", help="FIRST,STOP: hold out these slices of the example CT instead of ct_small (e.g. 52,82)")
     parser.add_argument("--previews", type=Path, help="also write PNGs of the held-out CT, pool4 and each variant's first seed here")
     parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
+    parser.add_argument("--shipped", action="store_true", help=f"also score the shipped demo autoencoder ({SHIPPED_MODEL.relative_to(REPO)})")
     parser.add_argument(
         "--checkpoints", action="store_true",
         help="evaluate the resumable checkpoints present for each variant and seed (a training in progress) and exit",
@@ -337,6 +342,13 @@ def main() -> None:
     for name in BASELINES:
         metrics = reconstruction_metrics(image_hu, baseline(name, image_hu))
         results[name] = {metric: round(metrics[metric], 2) for metric in METRICS}
+    if args.shipped:
+        if args.held_out_slices is not None:
+            parser.error("--shipped: the demo weights hold out ct_small (scripts/train_demo.sh), not --held_out_slices")
+        reconstruction = reconstruct("default", SHIPPED_MODEL, image_hu, labels)
+        previews["shipped demo weights"] = reconstruction
+        metrics = reconstruction_metrics(image_hu, reconstruction)
+        results["shipped"] = {metric: round(metrics[metric], 2) for metric in METRICS}
     for name in variants:
         per_seed: dict[int, dict[str, float]] = {}
         for seed in seeds:

@@ -27,6 +27,9 @@ Trivial baseline, scored in the same run (``paint``: no learning, no seed): ever
 its class's median HU over all voxels of that class in the generator's training set (on the CT grid). It gets a level
 right wherever training and test agree, and has no texture (IQR 0).
 
+``--shipped`` scores the repository's demo weights (the latent generator and the autoencoder it was trained with, made by
+``scripts/train_demo.sh``) on the same held-out cases instead of training: one model, sampled with each seed.
+
 Usage (prints JSON, writes <work_dir>/results.json; --markdown prints the table):
     .venv/bin/python bench/mask_to_ct.py --work_dir /tmp/mask_to_ct --autoencoder_path AE.pt --seeds 0,1,2 \
         --maps body,plain --prediction_types epsilon,v_prediction --max_epochs 300 --threads 1
@@ -57,6 +60,7 @@ ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
 PREDICTION_TYPES = tuple(str(kind) for kind in DDPMPredictionType)  # the bundle's prediction_type values
 HELD_OUT_PHANTOM_SEED = 1000
+SHIPPED = {stage: REPO / "bundles" / f"guidegen_{stage}" / "models" / "model.pt" for stage in ("ldm", "autoencoder")}
 
 
 def _pad_z(path: Path, target: int, out: Path) -> tuple[int, int]:
@@ -126,14 +130,19 @@ def train_and_generate(
     folder = run_folder(args.work_dir, map_name, prediction, seed)
     model, seconds = train_bundle(folder, TRAIN_CONFIGS, train_list, args.max_epochs, seed, args.threads,
                                   {"autoencoder_path": args.autoencoder_path, "prediction_type": prediction})
+    return generate(folder, model, args.autoencoder_path, seed, args, held_list), seconds
+
+
+def generate(folder: Path, model: Path, autoencoder: Path, seed: int, args: argparse.Namespace, held_list: Path) -> Path:
+    """CTs for the held-out masks from one generator, with the bundle's inference command (skipped when done)."""
     generated = folder / "generated"
     if not (generated / "done").is_file():
         run_logged([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "bundles/guidegen_ldm/configs/inference.yaml",
-              "--model_path", str(model), "--autoencoder_path", str(args.autoencoder_path), "--datalist", str(held_list),
+              "--model_path", str(model), "--autoencoder_path", str(autoencoder), "--datalist", str(held_list),
               "--split", "validation", "--output_dir", str(generated), "--num_inference_steps", str(args.steps),
               "--seed", str(seed), "--class_map_path", str(held_list.parent / "class_map.json")], folder / "generate.log", args.threads)
         (generated / "done").write_text("")
-    return generated, seconds
+    return generated
 
 
 def score(held_list: Path, generated: Path, min_voxels: int) -> dict[str, dict[str, object]]:
@@ -284,11 +293,23 @@ def main() -> None:
     parser.add_argument("--held_out_seg", type=Path, default=SHARED_EXAMPLE / "seg_small_total_v2.nii.gz")
     parser.add_argument("--held_out_slices", help="FIRST,STOP: hold out these slices of the example CT instead of ct_small (e.g. 52,82)")
     parser.add_argument("--previews", type=Path, help="also write PNGs of two held-out cases (real, mask, generated per map, first seed) here")
+    parser.add_argument(
+        "--shipped", action="store_true",
+        help="score the repository's demo weights (bundles/guidegen_{ldm,autoencoder}/models/model.pt) instead of training: "
+             "--seeds are then sampling seeds, the class map is the generator's, --autoencoder_path is not taken",
+    )  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="print <work_dir>/results.json as a table and exit")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads((args.work_dir / "results.json").read_text())))
         return
+    if args.shipped:
+        if args.autoencoder_path is not None:
+            parser.error("--shipped scores the shipped latent generator with the shipped autoencoder it was trained on: drop --autoencoder_path")
+        from custom_components.networks.checkpoints import read_checkpoint_info
+
+        args.autoencoder_path = SHIPPED["autoencoder"]
+        args.maps = "body" if read_checkpoint_info(SHIPPED["ldm"], stage="ldm")["num_classes"] == 21 else "plain"
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     predictions = [p.strip() for p in args.prediction_types.split(",") if p.strip()]
@@ -304,7 +325,7 @@ def main() -> None:
     args.autoencoder_path = args.autoencoder_path.resolve()
     results_path = args.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"maps": {}}
-    runs = [(map_name, prediction) for map_name in maps for prediction in predictions]
+    runs = [(map_name, "shipped") for map_name in maps] if args.shipped else [(m, p) for m in maps for p in predictions]
     data = {map_name: build_data(args.work_dir, map_name, held_out) for map_name in maps}
     for map_name, (train_list, held_list) in data.items():  # the trivial baseline, once per map (no seed: it does not learn)
         painted = paint_class_medians(train_list, held_list, args.work_dir / map_name / "paint")
@@ -314,7 +335,11 @@ def main() -> None:
         train_list, held_list = data[map_name]
         per_seed = {}
         for seed in seeds:
-            generated, seconds = train_and_generate(map_name, prediction, seed, args, train_list, held_list)
+            if args.shipped:  # one model, sampled with each seed
+                folder, seconds = run_folder(args.work_dir, map_name, prediction, seed), float("nan")
+                generated = generate(folder, SHIPPED["ldm"], SHIPPED["autoencoder"], seed, args, held_list)
+            else:
+                generated, seconds = train_and_generate(map_name, prediction, seed, args, train_list, held_list)
             per_seed[seed] = score(held_list, generated, args.min_voxels)
             print(f"[mask_to_ct] {map_name} {prediction} seed {seed} ({seconds:.0f} s): "
                   + json.dumps({c: (v["organ_pass_fraction"], v["body_error"]) for c, v in per_seed[seed].items()}), file=sys.stderr, flush=True)
