@@ -54,12 +54,12 @@ stage() {  # stage <name> <bundle> <epochs>: train one bundle in its own run fol
       tail -n 30 "$run/train.log" >&2
       exit 1
     }
-  cp "$run/models/model.pt" "bundles/$bundle/models/model.pt"
   if [[ $bundle != guidegen_autoencoder ]]; then
     # The U-Nets' float32 weights are ~31 MB each: float16 storage (~16 MB) keeps every shipped file under 25 MB. The
     # autoencoder (4.6 MB) stays float32: the latent generator's latents were encoded with it, and it records its SHA-256.
-    "$PYTHON" -c "from custom_components.engines import compact_model_file; compact_model_file('bundles/$bundle/models/model.pt')"
+    "$PYTHON" -c "from custom_components.engines import compact_model_file; compact_model_file('$run/models/model.pt')"
   fi
+  cp "$run/models/model.pt" "bundles/$bundle/models/model.pt"
   echo "$((SECONDS - start)) s, $how" >"$run/done"
   echo "[train_demo] $name: done in $((SECONDS - start)) s ($how)" >&2
   echo "$bundle $((SECONDS - start)) s, $how" >>"$LOG_DIR/times.txt"
