@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the demo weights of all three GuideGen stages on the demo data set, on CPU.
 #
-#   scripts/train_demo.sh                          # ~2.5 hours on 2 CPU cores; writes bundles/guidegen_*/models/model.pt
+#   scripts/train_demo.sh                          # ~2.8 hours on 2 shared CPU cores; writes bundles/guidegen_*/models/model.pt
 #   STAGES="autoencoder ldm" scripts/train_demo.sh # only these stages (the latent generator needs the autoencoder)
 #   FRESH=1 scripts/train_demo.sh                  # forget earlier (interrupted or finished) runs and start over
 #
@@ -14,7 +14,7 @@
 # scratch, so the committed weights are exactly what this script makes; retraining the autoencoder also restarts the
 # latent generator, whose latents it encodes. Epoch counts can be changed through the environment (TCSS_EPOCHS,
 # AE_EPOCHS, LDM_EPOCHS); PYTHON picks the interpreter (default .venv/bin/python).
-# The demo models learn a 32^3 torso layout and 64^3 CT texture from 8 training cases: they show the
+# The demo models learn a 32^3 torso layout and 64^3 CT texture from 7 training cases: they show the
 # pipeline working end to end, they are not a model of human anatomy (see README, "Demo weights").
 # The example CT's last 30 slices (TotalSegmentator's ct_small) are held out of the demo data set: the autoencoder
 # benchmark (bench/ae_ablation.py) judges reconstructions on them.
