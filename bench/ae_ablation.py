@@ -276,7 +276,9 @@ def markdown_table(output: dict[str, object]) -> str:
 
 def check_held_out_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--held_out_slices`` parsed to ``(first, stop)`` inside the example CT (as ``guidegen demo-data`` does), or the
-    held-out files present."""
+    held-out files present; ``--shipped`` (the demo weights, trained without ``ct_small`` only) refuses another slab."""
+    if getattr(args, "shipped", False) and args.held_out_slices is not None:
+        parser.error("--shipped: the demo weights hold out ct_small (scripts/train_demo.sh), not --held_out_slices; drop one")
     if args.held_out_slices is not None:
         from custom_components.data.demo.example import parse_held_out_slices
         from custom_components.errors import GuideGenInputError
@@ -343,8 +345,6 @@ def main() -> None:
         metrics = reconstruction_metrics(image_hu, baseline(name, image_hu))
         results[name] = {metric: round(metrics[metric], 2) for metric in METRICS}
     if args.shipped:
-        if args.held_out_slices is not None:
-            parser.error("--shipped: the demo weights hold out ct_small (scripts/train_demo.sh), not --held_out_slices")
         reconstruction = reconstruct("default", SHIPPED_MODEL, image_hu, labels)
         previews["shipped demo weights"] = reconstruction
         metrics = reconstruction_metrics(image_hu, reconstruction)

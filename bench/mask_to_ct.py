@@ -48,7 +48,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.networks.schedulers.ddpm import DDPMPredictionType
-from ae_ablation import HeldOut, check_held_out_arguments, prepare_held_out_slab  # the same held-out slab (bench/ on sys.path)
+# the same held-out slab and demo autoencoder as the autoencoder bench (bench/ on sys.path)
+from ae_ablation import SHIPPED_MODEL as SHIPPED_AUTOENCODER, HeldOut, check_held_out_arguments, prepare_held_out_slab
 from bundle_runs import run_logged, train_bundle
 from ldm_alignment import on_grid  # nearest-neighbour label resampling, as the alignment bench does
 
@@ -60,7 +61,7 @@ ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
 PREDICTION_TYPES = tuple(str(kind) for kind in DDPMPredictionType)  # the bundle's prediction_type values
 HELD_OUT_PHANTOM_SEED = 1000
-SHIPPED = {stage: REPO / "bundles" / f"guidegen_{stage}" / "models" / "model.pt" for stage in ("ldm", "autoencoder")}
+SHIPPED_GENERATOR = REPO / "bundles" / "guidegen_ldm" / "models" / "model.pt"
 
 
 def _pad_z(path: Path, target: int, out: Path) -> tuple[int, int]:
@@ -308,8 +309,8 @@ def main() -> None:
             parser.error("--shipped scores the shipped latent generator with the shipped autoencoder it was trained on: drop --autoencoder_path")
         from custom_components.networks.checkpoints import read_checkpoint_info
 
-        args.autoencoder_path = SHIPPED["autoencoder"]
-        args.maps = "body" if read_checkpoint_info(SHIPPED["ldm"], stage="ldm")["num_classes"] == 21 else "plain"
+        args.autoencoder_path = SHIPPED_AUTOENCODER
+        args.maps = "body" if read_checkpoint_info(SHIPPED_GENERATOR, stage="ldm")["num_classes"] == 21 else "plain"
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     predictions = [p.strip() for p in args.prediction_types.split(",") if p.strip()]
@@ -337,7 +338,7 @@ def main() -> None:
         for seed in seeds:
             if args.shipped:  # one model, sampled with each seed
                 folder, seconds = run_folder(args.work_dir, map_name, prediction, seed), float("nan")
-                generated = generate(folder, SHIPPED["ldm"], SHIPPED["autoencoder"], seed, args, held_list)
+                generated = generate(folder, SHIPPED_GENERATOR, SHIPPED_AUTOENCODER, seed, args, held_list)
             else:
                 generated, seconds = train_and_generate(map_name, prediction, seed, args, train_list, held_list)
             per_seed[seed] = score(held_list, generated, args.min_voxels)

@@ -56,7 +56,7 @@ stage() {  # stage <name> <bundle> <epochs>: train one bundle in its own run fol
     }
   if [[ $bundle != guidegen_autoencoder ]]; then
     # The U-Nets' float32 weights are ~31 MB each: float16 storage (~16 MB) keeps every shipped file under 25 MB. The
-    # autoencoder (4.6 MB) stays float32: the latent generator's latents were encoded with it, and it records its SHA-256.
+    # autoencoder (3 MB) stays float32: the latent generator's latents were encoded with it, and it records its SHA-256.
     "$PYTHON" -c "from custom_components.engines import compact_model_file; compact_model_file('$run/models/model.pt')"
   fi
   cp "$run/models/model.pt" "bundles/$bundle/models/model.pt"
