@@ -1,5 +1,5 @@
 """TCSS text control beyond the paper (issue 15): classifier-free guidance of the categorical sampler, prompt dropout
-in training, and per-voxel class weights of the loss (tumor weight, per-class weights).
+in training, per-voxel class weights of the loss (tumor weight, per-class weights) and the tumor-organ loss.
 
 Each option at its paper setting must leave the sampler / loss exactly as before; each option switched on must
 change what it claims to change and nothing else.
@@ -24,6 +24,7 @@ from helpers_tiny_text import make_tiny_text_encoder_dir
 
 from custom_components.engines import TCSSIteration
 from custom_components.errors import GuideGenInputError
+from custom_components.losses import tumor_host_regions, tumor_organ_loss
 from custom_components.networks import TextEncoder, build_text_conditioned_unet
 from custom_components.pipelines import TCSSPipeline
 from custom_components.schedulers import CategoricalDiffusionScheduler
@@ -394,6 +395,88 @@ def test_class_weights_scale_each_class_and_combine_with_the_tumor_weight():
         torch.testing.assert_close(_loss(iteration, network, labels, 2), (expected_weights * per_voxel).mean())
 
 
+# ------------------------------------------------------------------------------------------------ tumor-organ loss
+
+
+def _two_organs_with_tumors() -> torch.Tensor:
+    """(3, 6, 6, 6): organ 1 in the front half, organ 2 in the back half, background on the outer ring.
+
+    Sample 0: a tumor in organ 1, one voxel away from organ 2 (it touches organ 1 most).
+    Sample 1: no tumor. Sample 2: a tumor surrounded by background only.
+    """
+    labels = torch.zeros(3, 6, 6, 6, dtype=torch.long)
+    labels[:, 1:3, 1:5, 1:5] = 1
+    labels[:, 3:5, 1:5, 1:5] = 2
+    labels[0, 1, 2, 2] = TUMOR
+    labels[2] = 0
+    labels[2, 3, 3, 3] = TUMOR
+    return labels
+
+
+def test_the_host_region_is_the_organ_touching_the_tumor_most_plus_the_tumor():
+    labels = _two_organs_with_tumors()
+    regions, valid = tumor_host_regions(labels, [TUMOR])
+    assert valid.tolist() == [True, False, False]
+    assert torch.equal(regions[0], (labels[0] == 1) | (labels[0] == TUMOR))
+    assert not regions[1:].any()
+    # the tumor moved to organ 2's side: the host follows it
+    moved = labels.clone()
+    moved[0, 1, 2, 2] = 1
+    moved[0, 4, 2, 2] = TUMOR
+    regions, valid = tumor_host_regions(moved, [TUMOR])
+    assert valid[0] and torch.equal(regions[0], (moved[0] == 2) | (moved[0] == TUMOR))
+    with pytest.raises(GuideGenInputError, match="tumor_organ_loss_weight"):
+        tumor_host_regions(labels, [])
+
+
+def test_tumor_organ_loss_is_minus_log_the_share_inside_the_host_organ():
+    labels = _two_organs_with_tumors()
+    region = (labels[0] == 1) | (labels[0] == TUMOR)
+    # the same logits everywhere: the tumor probability is uniform, its share inside is the region's share of voxels
+    uniform = torch.zeros(3, NUM_CLASSES, 6, 6, 6)
+    expected = math.log(region.numel() / int(region.sum()))
+    assert float(tumor_organ_loss(uniform, labels, [TUMOR])) == pytest.approx(expected, rel=1e-6)
+    # whatever the amount of tumor drawn, only where it lies counts
+    assert float(tumor_organ_loss(uniform + 4.0 * F.one_hot(torch.tensor(TUMOR), NUM_CLASSES)[None, :, None, None, None],
+                                  labels, [TUMOR])) == pytest.approx(expected, rel=1e-6)
+    # all tumor probability inside the host organ: no loss; all in the other organ: a large one
+    inside = uniform.clone()
+    inside[0, TUMOR] = torch.where(region, 0.0, -60.0)
+    assert float(tumor_organ_loss(inside, labels, [TUMOR])) == pytest.approx(0.0, abs=1e-6)
+    wrong = uniform.clone()
+    wrong[0, TUMOR] = torch.where(labels[0] == 2, 0.0, -20.0)
+    assert float(tumor_organ_loss(wrong, labels, [TUMOR])) > 15
+    # its gradient raises the tumor logits inside the organ and lowers them outside
+    logits = uniform.clone().requires_grad_(True)
+    tumor_organ_loss(logits, labels, [TUMOR]).backward()
+    grad = logits.grad[0, TUMOR]
+    assert (grad[region] < 0).all() and (grad[~region] > 0).all()
+    assert not logits.grad[1:].any()  # samples without a usable tumor add nothing
+    # a batch without any tumor: zero, still differentiable
+    healthy = torch.zeros(3, NUM_CLASSES, 6, 6, 6, requires_grad=True)
+    zero = tumor_organ_loss(healthy, labels[1:2].expand(3, -1, -1, -1), [TUMOR])
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+def test_tumor_organ_weight_adds_exactly_its_term_and_zero_is_the_paper_loss():
+    scheduler, network, labels = _scheduler(), _RandomLogits(), _two_organs_with_tumors()[:, None]
+    weight = 0.7
+    plain = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1)
+    off = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_organ_loss_weight=0.0, tumor_classes=[TUMOR])
+    on = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_organ_loss_weight=weight,
+                       tumor_classes=[TUMOR])
+    with torch.no_grad():
+        torch.manual_seed(2)
+        x0 = F.one_hot(labels[:, 0], NUM_CLASSES).movedim(-1, 1).float()
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (3,))
+        logits = network(scheduler.q_sample(x0, timesteps), timesteps, None, None)
+        term = tumor_organ_loss(logits, labels[:, 0], [TUMOR])
+        assert term > 0
+        assert torch.equal(_loss(off, network, labels, 2), _loss(plain, network, labels, 2))
+        difference = _loss(on, network, labels, 2) - _loss(plain, network, labels, 2)
+    assert float(difference) == pytest.approx(weight * float(term), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ training: bad values
 
 
@@ -415,6 +498,10 @@ def test_class_weights_scale_each_class_and_combine_with_the_tumor_weight():
         ({"class_loss_weights": [1.0, -1.0, 1.0, 1.0]}, "class_loss_weights"),
         ({"class_loss_weights": [0.0] * NUM_CLASSES}, "class_loss_weights"),
         ({"class_loss_weights": [1.0, float("nan"), 1.0, 1.0]}, "class_loss_weights"),
+        ({"tumor_organ_loss_weight": -1.0, "tumor_classes": [TUMOR]}, "tumor_organ_loss_weight"),
+        ({"tumor_organ_loss_weight": float("nan"), "tumor_classes": [TUMOR]}, "tumor_organ_loss_weight"),
+        ({"tumor_organ_loss_weight": True, "tumor_classes": [TUMOR]}, "tumor_organ_loss_weight"),
+        ({"tumor_organ_loss_weight": 1.0}, "tumor_organ_loss_weight"),  # no tumor class to locate
     ],
 )
 def test_bad_training_values_raise_errors_naming_the_key(kwargs, key):
@@ -429,7 +516,8 @@ def test_configs_declare_and_wire_the_keys_at_their_settings():
     train = yaml.safe_load((CONFIGS / "train.yaml").read_text())
     assert train["text_dropout"] == 0.1 and train["tumor_loss_weight"] == 1.0 and train["class_loss_weights"] is None
     iteration = train["train"]["iteration"]
-    for key in ("text_dropout", "tumor_loss_weight", "class_loss_weights"):
+    assert train["tumor_organ_loss_weight"] == 0.0
+    for key in ("text_dropout", "tumor_loss_weight", "class_loss_weights", "tumor_organ_loss_weight"):
         assert iteration[key] == f"@{key}"
         params = next(h for h in train["train"]["handlers"] if h["_target_"].endswith("MLFlowHandler"))["experiment_param"]
         assert params[key] == f"@{key}"
@@ -453,7 +541,7 @@ def test_the_new_keys_are_accepted_as_overrides():
 
     for configs, overrides in (
         (["train.yaml", "train_cpu.yaml"], {"datalist": "d.json", "text_dropout": 0.2, "tumor_loss_weight": 3.0,
-                                            "class_loss_weights": [1.0] * 20}),
+                                            "class_loss_weights": [1.0] * 20, "tumor_organ_loss_weight": 0.5}),
         (["inference.yaml"], {"model_path": "m.pt", "guidance_scale": 2.0}),
     ):
         ConfigWorkflow(config_file=[str(CONFIGS / c) for c in configs], logging_file=False, workflow_type=None,

@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from custom_components.engines.distributed import average_gradients, broadcast_parameters
 from custom_components.errors import GuideGenInputError
+from custom_components.losses import tumor_organ_loss
 
 __all__ = ["make_ema", "AccumulatingIteration", "TCSSIteration", "LDMIteration"]
 
@@ -150,6 +151,10 @@ class TCSSIteration(AccumulatingIteration):
       ``L = mean_v w_{x_0(v)} KL_v`` (and the same weights on the auxiliary cross-entropy), so only the voxels of
       up-weighted classes contribute more; the mean is still over all voxels (not divided by the sum of weights).
       Against the background's dominance of the voxel mean, and the tumor's few voxels.
+    - **Tumor-organ loss** (``tumor_organ_loss_weight`` λ): adds ``λ · (-log share)``, the share of the predicted
+      tumor probability inside the organ that holds the true tumor
+      (:func:`~custom_components.losses.tumor_organ_loss`): one term per sample that only reading the prompt can
+      lower at high noise levels, where Eq. 6 hardly depends on the x_0 prediction.
 
     Args:
         scheduler: a :class:`custom_components.schedulers.CategoricalDiffusionScheduler`.
@@ -167,6 +172,8 @@ class TCSSIteration(AccumulatingIteration):
             ``tumor_loss_weight`` != 1.
         class_loss_weights: one weight >= 0 per class (N entries, not all 0), multiplied with the tumor weight;
             None: all 1 (the paper).
+        tumor_organ_loss_weight: weight λ >= 0 of the tumor-organ loss (0: the paper, not computed); needs
+            ``tumor_classes``.
         kwargs: see :class:`AccumulatingIteration`.
 
     Raises:
@@ -184,11 +191,25 @@ class TCSSIteration(AccumulatingIteration):
         tumor_loss_weight: float = 1.0,
         tumor_classes: Sequence[int] = (),
         class_loss_weights: Sequence[float] | None = None,
+        tumor_organ_loss_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if aux_ce_weight < 0:
             raise GuideGenInputError(f"aux_ce_weight = {aux_ce_weight} must be >= 0")
+        if isinstance(tumor_organ_loss_weight, bool) or not isinstance(tumor_organ_loss_weight, (int, float)) or not (
+            math.isfinite(tumor_organ_loss_weight) and tumor_organ_loss_weight >= 0
+        ):
+            raise GuideGenInputError(
+                f"tumor_organ_loss_weight = {tumor_organ_loss_weight!r} must be a finite number >= 0 (0: the paper)"
+            )
+        if tumor_organ_loss_weight and not tumor_classes:
+            raise GuideGenInputError(
+                f"tumor_organ_loss_weight = {tumor_organ_loss_weight} needs a tumor class, but the class map names "
+                "none (its 'tumor_class'); set tumor_organ_loss_weight to 0"
+            )
+        self.tumor_organ_loss_weight = float(tumor_organ_loss_weight)
+        self.tumor_classes = tuple(int(c) for c in tumor_classes)
         self.aux_ce_weight = float(aux_ce_weight)
         self.scheduler = scheduler
         self.text_encoder = text_encoder
@@ -251,6 +272,8 @@ class TCSSIteration(AccumulatingIteration):
             if self.aux_ce_weight:
                 ce = F.cross_entropy(logits.float(), labels[:, 0], reduction="none")
                 loss = loss + self.aux_ce_weight * (weights * ce).mean()
+        if self.tumor_organ_loss_weight:
+            loss = loss + self.tumor_organ_loss_weight * tumor_organ_loss(logits, labels[:, 0], self.tumor_classes)
         return loss, {"timesteps": timesteps.detach()}
 
 

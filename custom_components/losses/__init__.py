@@ -1,5 +1,6 @@
 """Losses of GuideGen's CT autoencoder (paper Eq. 7-9): the learnable HDR window, the frozen LPIPS perceptual
-loss on slices, slice sampling and the KL term, their Eq. 8 sum, and the frame/volume adversarial terms."""
+loss on slices, slice sampling and the KL term, their Eq. 8 sum, and the frame/volume adversarial terms; and TCSS's
+tumor-organ loss (beyond the paper; its Eq. 6 KL lives with the categorical scheduler)."""
 
 from .adversarial import (
     AdversarialTerms,
@@ -11,6 +12,7 @@ from .autoencoder import WINDOW_CHOICES, AutoencoderLoss, AutoencoderLossTerms
 from .frames import kl_divergence, sample_frames
 from .hdr_window import HDRWindow, clinical_window_l1
 from .perceptual import SlicePerceptualLoss, default_vgg_weights_path
+from .tumor_organ import tumor_host_regions, tumor_organ_loss
 
 __all__ = [
     "AutoencoderLoss",
@@ -26,4 +28,6 @@ __all__ = [
     "clinical_window_l1",
     "SlicePerceptualLoss",
     "default_vgg_weights_path",
+    "tumor_host_regions",
+    "tumor_organ_loss",
 ]
