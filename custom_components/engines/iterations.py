@@ -197,18 +197,9 @@ class TCSSIteration(AccumulatingIteration):
         super().__init__(**kwargs)
         if aux_ce_weight < 0:
             raise GuideGenInputError(f"aux_ce_weight = {aux_ce_weight} must be >= 0")
-        if isinstance(tumor_organ_loss_weight, bool) or not isinstance(tumor_organ_loss_weight, (int, float)) or not (
-            math.isfinite(tumor_organ_loss_weight) and tumor_organ_loss_weight >= 0
-        ):
-            raise GuideGenInputError(
-                f"tumor_organ_loss_weight = {tumor_organ_loss_weight!r} must be a finite number >= 0 (0: the paper)"
-            )
-        if tumor_organ_loss_weight and not tumor_classes:
-            raise GuideGenInputError(
-                f"tumor_organ_loss_weight = {tumor_organ_loss_weight} needs a tumor class, but the class map names "
-                "none (its 'tumor_class'); set tumor_organ_loss_weight to 0"
-            )
-        self.tumor_organ_loss_weight = float(tumor_organ_loss_weight)
+        self.tumor_organ_loss_weight = _tumor_weight(
+            tumor_organ_loss_weight, "tumor_organ_loss_weight", paper=0, tumor_classes=tumor_classes
+        )
         self.tumor_classes = tuple(int(c) for c in tumor_classes)
         self.aux_ce_weight = float(aux_ce_weight)
         self.scheduler = scheduler
@@ -284,6 +275,22 @@ def _probability(value: float, key: str) -> float:
     return float(value)
 
 
+def _tumor_weight(value: float, key: str, paper: int, tumor_classes: Sequence[int]) -> float:
+    """A tumor loss weight as a float: finite, > 0 where the paper's setting is 1 (a factor), >= 0 where it is 0 (an
+    added term); any other value than the paper's needs a tumor class. Else an error naming the config ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and (value > 0 if paper else value >= 0)
+    ):
+        raise GuideGenInputError(
+            f"{key} = {value!r} must be a finite number {'>' if paper else '>='} 0 ({paper}: the paper)"
+        )
+    if value != paper and not tumor_classes:
+        raise GuideGenInputError(
+            f"{key} = {value} needs a tumor class, but the class map names none (its 'tumor_class'); set {key} to {paper}"
+        )
+    return float(value)
+
+
 def _voxel_class_weights(
     num_classes: int,
     tumor_loss_weight: float,
@@ -291,19 +298,11 @@ def _voxel_class_weights(
     class_loss_weights: Sequence[float] | None,
 ) -> torch.Tensor | None:
     """The (N,) per-class loss weights of :class:`TCSSIteration`, or None when every weight is 1 (the paper)."""
-    if isinstance(tumor_loss_weight, bool) or not isinstance(tumor_loss_weight, (int, float)) or not (
-        math.isfinite(tumor_loss_weight) and tumor_loss_weight > 0
-    ):
-        raise GuideGenInputError(f"tumor_loss_weight = {tumor_loss_weight!r} must be a finite number > 0 (1: the paper)")
+    tumor_loss_weight = _tumor_weight(tumor_loss_weight, "tumor_loss_weight", paper=1, tumor_classes=tumor_classes)
     tumor_classes = [int(c) for c in tumor_classes]
     bad = [c for c in tumor_classes if not 0 <= c < num_classes]
     if bad:
         raise GuideGenInputError(f"tumor_classes {bad} are not class indices of the {num_classes} classes")
-    if tumor_loss_weight != 1 and not tumor_classes:
-        raise GuideGenInputError(
-            f"tumor_loss_weight = {tumor_loss_weight} needs a tumor class, but the class map names none "
-            "(its 'tumor_class'); set tumor_loss_weight to 1"
-        )
     weights = torch.ones(num_classes, dtype=torch.float64)
     if class_loss_weights is not None:
         values = list(class_loss_weights)

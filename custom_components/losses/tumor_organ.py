@@ -14,8 +14,8 @@ tumor probability falls inside the organ that holds the real tumor?
     share_b   = sum_{v in R_b} p_tumor(v) / sum_v p_tumor(v),  p_tumor = softmax(logits) summed over tumor classes
     L         = mean over samples with a tumor of  -log share_b
 
-The share is invariant to the overall tumor probability, so this term teaches the location only; how much tumor to
-draw stays with the KL. Samples without a tumor (or whose tumor touches only background) add nothing.
+The share does not change when the tumor probability is scaled by the same factor everywhere, so this term teaches
+the location, not the amount; how much tumor to draw stays with the KL. Samples without a tumor (or whose tumor touches only background) add nothing.
 """
 
 from __future__ import annotations
