@@ -6,7 +6,8 @@ generator is trained with the bundle's own command (``train.yaml`` + ``train_cpu
 with that map, on the latents of one given autoencoder (trained on images only, so it serves both maps). Each trained
 generator then turns held-out masks into CTs with the bundle's own inference command. Each (map, seed) is trained
 once per ``--prediction_types`` entry (the bundle's ``prediction_type`` key: the paper's ``epsilon`` noise target, or
-``v_prediction``), side by side on the same data and autoencoder:
+``v_prediction``) and ``--mask_encodings`` entry (the bundle's ``mask_encoding`` key: how the mask reaches the latent
+grid), side by side on the same data and autoencoder:
 
 * ``ct_small``: slices 82-111 of the example CT (held out of the demo data set) with its TotalSegmentator v2 labels,
   prepared at the demo's voxel size (64 x 64 x 24 CT, 32 x 32 x 12 mask) and padded along z to the generator's
@@ -51,6 +52,7 @@ from monai.networks.schedulers.ddpm import DDPMPredictionType
 # the same held-out slab and demo autoencoder as the autoencoder bench (bench/ on sys.path)
 from ae_ablation import SHIPPED_MODEL as SHIPPED_AUTOENCODER, HeldOut, check_held_out_arguments, prepare_held_out_slab
 from bundle_runs import run_logged, train_bundle
+from custom_components.networks.latent_denoiser import MASK_ENCODINGS
 from ldm_alignment import on_grid  # nearest-neighbour label resampling, as the alignment bench does
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +62,7 @@ MAPS = ("plain", "body")
 ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
 PREDICTION_TYPES = tuple(str(kind) for kind in DDPMPredictionType)  # the bundle's prediction_type values
+DEFAULT_MASK_ENCODING = "onehot"  # its runs keep the folder and name they had before the encoding was a variant
 HELD_OUT_PHANTOM_SEED = 1000
 SHIPPED_GENERATOR = REPO / "bundles" / "guidegen_ldm" / "models" / "model.pt"
 
@@ -119,18 +122,24 @@ def build_data(work_dir: Path, map_name: str, held_out: HeldOut) -> tuple[Path, 
     return Path(train), held / "datalist.json"
 
 
-def run_folder(work_dir: Path, map_name: str, prediction: str, seed: int) -> Path:
-    """Where one generator (class map, prediction type, seed) is trained and its CTs are written."""
-    return work_dir / map_name / prediction / f"seed{seed}"
+def variant(prediction: str, encoding: str) -> str:
+    """A generator recipe's name in folders and results: the prediction type, and the mask encoding unless default."""
+    return prediction if encoding == DEFAULT_MASK_ENCODING else f"{prediction}_{encoding}"
+
+
+def run_folder(work_dir: Path, map_name: str, recipe: str, seed: int) -> Path:
+    """Where one generator (class map, recipe from :func:`variant`, seed) is trained and its CTs are written."""
+    return work_dir / map_name / recipe / f"seed{seed}"
 
 
 def train_and_generate(
-    map_name: str, prediction: str, seed: int, args: argparse.Namespace, train_list: Path, held_list: Path
+    map_name: str, prediction: str, encoding: str, seed: int, args: argparse.Namespace, train_list: Path, held_list: Path
 ) -> tuple[Path, float]:
     """Train one generator (resumable; skipped when done) and generate CTs for the held-out masks."""
-    folder = run_folder(args.work_dir, map_name, prediction, seed)
+    folder = run_folder(args.work_dir, map_name, variant(prediction, encoding), seed)
     model, seconds = train_bundle(folder, TRAIN_CONFIGS, train_list, args.max_epochs, seed, args.threads,
-                                  {"autoencoder_path": args.autoencoder_path, "prediction_type": prediction})
+                                  {"autoencoder_path": args.autoencoder_path, "prediction_type": prediction,
+                                   "mask_encoding": encoding})
     return generate(folder, model, args.autoencoder_path, seed, args, held_list), seconds
 
 
@@ -218,7 +227,7 @@ def paint_class_medians(train_list: Path, held_list: Path, out: Path) -> Path:
 def write_previews(
     folder: Path, work_dir: Path, runs: list[tuple[str, str]], seed: int, cases: tuple[str, ...],
 ) -> list[Path]:
-    """Per held-out case, a PNG: the real CT, then per (class map, prediction type) run its mask and generated CT."""
+    """Per held-out case, a PNG: the real CT, then per (class map, recipe) run its mask and generated CT."""
     from PIL import Image
 
     from ae_ablation import labelled_rows
@@ -228,7 +237,7 @@ def write_previews(
     written = []
     for case in cases:
         rows: list[tuple[str, Image.Image]] = []
-        for index, (map_name, prediction) in enumerate(runs):
+        for index, (map_name, recipe) in enumerate(runs):
             held = work_dir / map_name / "held_out"
             item = next(i for i in json.loads((held / "datalist.json").read_text())["validation"] if i["case_id"] == case)
             image = nib.load(str(held / item["image"]))
@@ -236,14 +245,14 @@ def write_previews(
             labels = np.asarray(nib.load(str(held / item["label"])).dataobj)
             z0, z1 = item["scored_z"]
             real = np.asarray(image.dataobj, dtype=np.float32)[..., z0:z1]
-            generated = run_folder(work_dir, map_name, prediction, seed) / "generated" / case / "ct.nii.gz"
+            generated = run_folder(work_dir, map_name, recipe, seed) / "generated" / case / "ct.nii.gz"
             fake = np.asarray(nib.load(str(generated)).dataobj, dtype=np.float32)[..., z0:z1]
             grid_labels = on_grid(labels, image.shape)[..., z0:z1]
             num_classes = int(labels.max()) + 1
             if index == 0:
                 rows.append(("real CT", render_preview(real, None, num_classes, spacing=spacing, height=160)))
             rows.append((f"{map_name} map: mask", render_preview(real, grid_labels, num_classes, spacing=spacing, height=160, alpha=0.6)))
-            rows.append((f"{map_name}, {prediction}", render_preview(fake, None, num_classes, spacing=spacing, height=160)))
+            rows.append((f"{map_name}, {recipe}", render_preview(fake, None, num_classes, spacing=spacing, height=160)))
         written.append(save_preview(labelled_rows(rows, label_width=170), folder / f"mask_to_ct_{case}.png"))
     return written
 
@@ -286,6 +295,9 @@ def main() -> None:
     parser.add_argument("--maps", default="body,plain", help="comma-separated subset of: " + ", ".join(MAPS))
     parser.add_argument("--prediction_types", default="epsilon,v_prediction",
                         help="comma-separated: what the generator predicts (the bundle's prediction_type key), one run per type")
+    parser.add_argument("--mask_encodings", default=DEFAULT_MASK_ENCODING,
+                        help="comma-separated subset of " + ", ".join(MASK_ENCODINGS)
+                             + ": how the mask reaches the latent grid (the bundle's mask_encoding key), one run per encoding")
     parser.add_argument("--max_epochs", type=int, default=300)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--threads", type=int, default=2)
@@ -318,6 +330,9 @@ def main() -> None:
         parser.error(f"--maps from {MAPS}, >= 1 seed, --max_epochs/--threads/--steps >= 1")
     if not predictions or [p for p in predictions if p not in PREDICTION_TYPES]:
         parser.error(f"--prediction_types {args.prediction_types!r}: a comma-separated subset of {PREDICTION_TYPES}")
+    encodings = [e.strip() for e in args.mask_encodings.split(",") if e.strip()]
+    if not encodings or [e for e in encodings if e not in MASK_ENCODINGS]:
+        parser.error(f"--mask_encodings {args.mask_encodings!r}: a comma-separated subset of {MASK_ENCODINGS}")
     if args.autoencoder_path is None or not args.autoencoder_path.is_file():
         parser.error(f"--autoencoder_path {args.autoencoder_path}: not a file (train one with bench/ae_ablation.py or scripts/train_demo.sh)")
     check_held_out_arguments(parser, args)
@@ -326,30 +341,33 @@ def main() -> None:
     args.autoencoder_path = args.autoencoder_path.resolve()
     results_path = args.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"maps": {}}
-    runs = [(map_name, "shipped") for map_name in maps] if args.shipped else [(m, p) for m in maps for p in predictions]
+    recipes = [(p, e) for p in predictions for e in encodings]
+    runs = [(map_name, ("shipped", "")) for map_name in maps] if args.shipped else [(m, r) for m in maps for r in recipes]
     data = {map_name: build_data(args.work_dir, map_name, held_out) for map_name in maps}
     for map_name, (train_list, held_list) in data.items():  # the trivial baseline, once per map (no seed: it does not learn)
         painted = paint_class_medians(train_list, held_list, args.work_dir / map_name / "paint")
         per_case = score(held_list, painted, args.min_voxels)
         results["maps"][f"{map_name}, paint (baseline)"] = {"per_seed": {"-": per_case}, "summary": summarise({"-": per_case})}
-    for map_name, prediction in runs:
+    for map_name, (prediction, encoding) in runs:
         train_list, held_list = data[map_name]
+        recipe = "shipped" if args.shipped else variant(prediction, encoding)
         per_seed = {}
         for seed in seeds:
             if args.shipped:  # one model, sampled with each seed
-                folder, seconds = run_folder(args.work_dir, map_name, prediction, seed), float("nan")
+                folder, seconds = run_folder(args.work_dir, map_name, recipe, seed), float("nan")
                 generated = generate(folder, SHIPPED_GENERATOR, SHIPPED_AUTOENCODER, seed, args, held_list)
             else:
-                generated, seconds = train_and_generate(map_name, prediction, seed, args, train_list, held_list)
+                generated, seconds = train_and_generate(map_name, prediction, encoding, seed, args, train_list, held_list)
             per_seed[seed] = score(held_list, generated, args.min_voxels)
-            print(f"[mask_to_ct] {map_name} {prediction} seed {seed} ({seconds:.0f} s): "
+            print(f"[mask_to_ct] {map_name} {recipe} seed {seed} ({seconds:.0f} s): "
                   + json.dumps({c: (v["organ_pass_fraction"], v["body_error"]) for c, v in per_seed[seed].items()}), file=sys.stderr, flush=True)
-        results["maps"][f"{map_name}, {prediction}"] = {"per_seed": per_seed, "summary": summarise(per_seed)}
+        results["maps"][f"{map_name}, {recipe}"] = {"per_seed": per_seed, "summary": summarise(per_seed)}
         results.update({"max_epochs": args.max_epochs, "steps": args.steps, "seeds": seeds,
                         "autoencoder": str(args.autoencoder_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         results_path.write_text(json.dumps(results, indent=1))
     if args.previews is not None:
-        for path in write_previews(args.previews, args.work_dir, runs, seeds[0], (held_out.case_id, "heldout_phantom_000")):
+        recipe_runs = [(m, "shipped" if args.shipped else variant(*r)) for m, r in runs]
+        for path in write_previews(args.previews, args.work_dir, recipe_runs, seeds[0], (held_out.case_id, "heldout_phantom_000")):
             print(f"[mask_to_ct] preview {path}", file=sys.stderr)
     print(json.dumps(results, indent=1))
 

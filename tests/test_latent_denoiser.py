@@ -87,6 +87,37 @@ def test_onehot_condition_is_subsampled_one_hot() -> None:
     assert torch.equal(cond, expected)
 
 
+def test_fractions_condition_is_class_share_per_latent_voxel() -> None:
+    net = tiny_denoiser("fractions")
+    assert net.cond_channels == NUM_CLASSES and net.mask_encoder is None
+    mask = torch.zeros(1, 1, *MASK_SIZE, dtype=torch.long)
+    mask[0, 0, 0, 0, 0] = 3  # the voxel subsampling keeps: onehot calls the whole latent voxel class 3
+    mask[0, 0, 1, 1, 1] = 4
+    mask[0, 0, 2:4, 2:4, 2:4] = 2  # a whole latent voxel of class 2
+    cond = net.mask_condition(mask, LATENT_SIZE)
+    assert cond.shape == (1, NUM_CLASSES, *LATENT_SIZE)
+    torch.testing.assert_close(cond[0, :, 0, 0, 0], torch.tensor([6 / 8, 0.0, 0.0, 1 / 8, 1 / 8]))
+    torch.testing.assert_close(cond[0, :, 1, 1, 1], torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(cond.sum(1), torch.ones(1, *LATENT_SIZE))
+    _, _, random_mask, _, _ = batch_inputs()
+    expected = F.avg_pool3d(F.one_hot(random_mask[:, 0], NUM_CLASSES).movedim(-1, 1).float(), 2)
+    torch.testing.assert_close(net.mask_condition(random_mask, LATENT_SIZE), expected)
+
+
+def test_fractions_at_mask_factor_one_is_onehot() -> None:
+    kwargs = dict(mask_factor=1, **TINY)
+    fractions = build_latent_denoiser(LATENT_CHANNELS, NUM_CLASSES, TEXT_DIM, mask_encoding="fractions", **kwargs)
+    onehot = build_latent_denoiser(LATENT_CHANNELS, NUM_CLASSES, TEXT_DIM, mask_encoding="onehot", **kwargs)
+    mask = torch.randint(0, NUM_CLASSES, (2, 1, *LATENT_SIZE), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fractions.mask_condition(mask, LATENT_SIZE), onehot.mask_condition(mask, LATENT_SIZE))
+
+
+def test_fractions_refuses_a_mask_encoder() -> None:
+    unet = build_text_conditioned_unet(LATENT_CHANNELS + NUM_CLASSES, LATENT_CHANNELS, TEXT_DIM, **TINY)
+    with pytest.raises(GuideGenInputError, match="mask_encoding='fractions'.*mask_encoding='learned'"):
+        LatentDenoiser(unet, LATENT_CHANNELS, NUM_CLASSES, "fractions", 2, MaskEncoder(NUM_CLASSES, downsample=2))
+
+
 def test_learned_condition_shape() -> None:
     net = tiny_denoiser("learned")
     _, _, mask, _, _ = batch_inputs()
@@ -101,7 +132,7 @@ def test_mask_encoder_downsamples(downsample: int, size: int) -> None:
     assert enc(torch.rand(1, 3, size, size, size)).shape == (1, 5, *(size // downsample,) * 3)
 
 
-@pytest.mark.parametrize("mask_encoding", ["onehot", "learned"])
+@pytest.mark.parametrize("mask_encoding", ["onehot", "fractions", "learned"])
 def test_output_shape(mask_encoding: str) -> None:
     net = tiny_denoiser(mask_encoding)
     z_t, t, mask, feats, tmask = batch_inputs()

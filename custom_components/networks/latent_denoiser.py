@@ -9,8 +9,9 @@ predictor ``ε_θ(z_t ⊕ c_mask, t, text)`` sees
   every cross-attention level), with its own task queries.
 
 The mask (128³ in the paper) is finer than the latent grid (64³), so it is brought to the latent grid either by
-nearest-neighbour subsampling and one-hot encoding (``"onehot"``, N channels, no parameters) or by a small
-learned strided-convolution encoder (``"learned"``, a few channels whatever N is).
+nearest-neighbour subsampling and one-hot encoding (``"onehot"``, N channels, no parameters), by the share of
+each class among the mask voxels a latent voxel covers (``"fractions"``, N channels, no parameters; beyond the
+paper), or by a small learned strided-convolution encoder (``"learned"``, a few channels whatever N is).
 
 Training minimises ``|| ε − ε_θ(√ᾱ_t z_0 + √(1−ᾱ_t) ε ⊕ c_mask, t, text) ||²`` (Eq. 11), dropping the prompt for a
 random subset of samples (``text_keep``) so that the same network also gives the unconditional prediction that
@@ -32,7 +33,7 @@ from custom_components.networks.unet import TextConditionedUNet
 
 __all__ = ["MaskEncoder", "LatentDenoiser", "build_latent_denoiser", "MASK_ENCODINGS"]
 
-MASK_ENCODINGS = ("onehot", "learned")
+MASK_ENCODINGS = ("onehot", "fractions", "learned")
 _SPATIAL_DIMS = 3
 
 
@@ -123,11 +124,12 @@ class LatentDenoiser(nn.Module):
             ``out_channels = latent_channels``.
         latent_channels: channels of the autoencoder's latent.
         num_classes: number N of mask classes (including background).
-        mask_encoding: ``"onehot"`` (subsample, one-hot: N condition channels) or ``"learned"``
-            (:class:`MaskEncoder`: ``mask_encoder.out_channels`` condition channels).
+        mask_encoding: ``"onehot"`` (subsample, one-hot: N condition channels), ``"fractions"`` (each class's
+            share of the ``mask_factor³`` mask voxels under a latent voxel: N condition channels summing to 1) or
+            ``"learned"`` (:class:`MaskEncoder`: ``mask_encoder.out_channels`` condition channels).
         mask_factor: mask voxels per latent voxel along each axis (paper: 128³ mask, 64³ latent → 2).
         mask_encoder: the learned encoder for ``"learned"`` (default: ``MaskEncoder(num_classes, 16,
-            mask_factor)``); must be ``None`` for ``"onehot"``.
+            mask_factor)``); must be ``None`` for ``"onehot"`` and ``"fractions"``.
 
     Raises:
         GuideGenInputError: for an unknown encoding, a bad ``mask_factor``, a mask encoder that does not fit, or a
@@ -158,10 +160,11 @@ class LatentDenoiser(nn.Module):
                 f"mask_factor must be a positive integer (mask voxels per latent voxel), got {mask_factor}."
             )
         mask_factor = int(mask_factor)
-        if mask_encoding == "onehot":
+        if mask_encoding != "learned":
             if mask_encoder is not None:
                 raise GuideGenInputError(
-                    "a mask_encoder was given with mask_encoding='onehot'; pass mask_encoding='learned' to use it."
+                    f"a mask_encoder was given with mask_encoding={mask_encoding!r}; pass mask_encoding='learned' "
+                    "to use it."
                 )
         else:
             if mask_encoder is None:
@@ -248,10 +251,15 @@ class LatentDenoiser(nn.Module):
     def _encode_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """``c_mask`` of an already checked mask (see :meth:`mask_condition`)."""
         k = self.mask_factor
-        if self.mask_encoder is None:
+        if self.mask_encoding == "onehot":
             # Nearest-neighbour subsampling keeps labels crisp (no blended classes) and costs nothing.
             sub = mask[:, 0, ::k, ::k, ::k].long()
             return F.one_hot(sub, self.num_classes).movedim(-1, 1).to(dtype)
+        if self.mask_encoding == "fractions":
+            # A latent voxel covers k³ mask voxels; subsampling keeps one of them (and shifts the grid by half a
+            # mask voxel), the shares keep how much of the voxel each class fills, e.g. the fat between organs.
+            onehot = F.one_hot(mask[:, 0].long(), self.num_classes).movedim(-1, 1).to(dtype)
+            return F.avg_pool3d(onehot, kernel_size=k) if k > 1 else onehot
         weight_dtype = next(self.mask_encoder.parameters()).dtype
         onehot = F.one_hot(mask[:, 0].long(), self.num_classes).movedim(-1, 1).to(weight_dtype)
         cond: Tensor = self.mask_encoder(onehot)
@@ -332,7 +340,7 @@ def build_latent_denoiser(
         latent_channels: channels of the autoencoder's latent.
         num_classes: number N of mask classes.
         text_dim: hidden size of the text encoder's token features.
-        mask_encoding: ``"onehot"`` or ``"learned"`` (see :class:`LatentDenoiser`).
+        mask_encoding: ``"onehot"``, ``"fractions"`` or ``"learned"`` (see :class:`LatentDenoiser`).
         mask_factor: mask voxels per latent voxel along each axis.
         mask_embed_channels: output channels of the :class:`MaskEncoder` (``"learned"`` only).
         **architecture: keyword arguments of
