@@ -364,6 +364,32 @@ def test_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_checkpointed_training_keeps_no_upsampled_fused_or_head_copies() -> None:
+    """What a checkpointed forward keeps for the backward pass at full resolution (issue 19: paper-size training
+    memory): the image with its one-hot mask (``conv_in``'s input) and the inputs of the residual blocks and the output
+    head that follow another block (``channels[0]`` maps), nothing else. The decoder's upsampled map, the fusion's
+    concatenated input and output (each the width of the level below, or more) and the head's normalised and
+    activated copies are recomputed in the backward pass; the gradients are unchanged (test above).
+    """
+    net = randomize(tiny_ae(num_res_blocks=2), scale=0.1)
+    net.use_checkpointing = True
+    x, mask = image((16, 16, 16)), labels((16, 16, 16))
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:  # float maps only: the uint8 class indices cost little
+        if tensor.ndim == 5 and tensor.shape[2:] == x.shape[2:] and tensor.is_floating_point():
+            kept[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        net(x, mask)
+    channels = sorted(int(tensor.shape[1]) for tensor in kept.values())
+    width = TINY["channels"][0]
+    # encoder: conv_in's input (image + one-hot), its output and the first block's (the blocks' inputs);
+    # decoder: the first block's output (the second block's input) and the second's (the head's input)
+    assert channels == [1 + NUM_CLASSES] + [width] * 4, channels
+
+
 def test_gradients_reach_the_fusion_convs() -> None:
     net = tiny_ae()
     grads = _loss_and_grads(net, image((16, 16, 16)), labels((16, 16, 16)))

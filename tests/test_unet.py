@@ -231,6 +231,32 @@ def test_gradient_checkpointing_matches_plain_forward() -> None:
         torch.testing.assert_close(cg_b[level], cg_a[level], atol=1e-6, rtol=0)
 
 
+def test_checkpointed_forward_keeps_no_concatenation_upsampling_or_head_copies() -> None:
+    """What a checkpointed training forward keeps for the backward pass at full resolution: the input, the input
+    convolution's and the units' outputs (``channels[0]`` maps each), nothing wider and nothing else.
+
+    A decoder unit's concatenation (``channels[0] + skip`` channels), the upsampled map below it (``channels[1]``)
+    or the output head's normalised and activated copies would each add a full-size map (issue 19: paper-size training
+    memory); the gradients are unchanged (test above).
+    """
+    net = randomize_zero_init(tiny_unet(num_res_blocks=2, use_checkpointing=True)).train()
+    x, t, ctx = inputs(net, batch=1)
+    full = x.shape[2:]
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.ndim == 5 and tensor.shape[2:] == full:
+            kept[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        net(x, t, ctx)
+    channels = sorted(int(tensor.shape[1]) for tensor in kept.values())
+    # x; conv_in and the 2 encoder units (the units' skips); the 3 decoder units' inputs after the first, and the
+    # last unit's output (the head's input)
+    assert channels == [net.in_channels] + [TINY["channels"][0]] * 6, channels
+
+
 def test_few_adam_steps_reduce_loss() -> None:
     net = tiny_unet().train()
     x, t, ctx = inputs(net, spatial=(8, 8, 8))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -188,25 +189,66 @@ class _Level(nn.Module):
         self.resample = resample
 
     def forward(
-        self, h: Tensor, labels: Tensor | None, num_classes: int, run: Callable[[nn.Module, Tensor], Tensor]
+        self, h: Tensor, labels: Tensor | None, num_classes: int, run: Callable[..., Tensor]
     ) -> Tensor:
         """
         Args:
             h: (B, C, *level_size) features.
             labels: (B, 1, *level_size) class indices at this level, used if the level has ``fuse``.
             num_classes: number of one-hot channels.
-            run: calls a residual block, with or without gradient checkpointing.
+            run: calls a module (or function) on tensors, with or without gradient checkpointing.
 
         Returns:
             The level's output (resampled unless it is the last level).
         """
-        if self.fuse is not None and labels is not None:
-            h = self.fuse(torch.cat([h, _one_hot(labels, num_classes, h.dtype)], dim=1))
-        for block in self.res_blocks:
-            h = run(block, h)
+        h = self.blocks(h, labels, num_classes, run)
         if self.resample is not None:
             h = self.resample(h)
         return h
+
+    def blocks(
+        self,
+        h: Tensor,
+        labels: Tensor | None,
+        num_classes: int,
+        run: Callable[..., Tensor],
+        upsample: nn.Module | None = None,
+    ) -> Tensor:
+        """The level without its own resampling: ``upsample`` (if given), the mask fusion, the residual blocks.
+
+        Args:
+            h: (B, C, *size) features; the level's resolution, or half of it with ``upsample``.
+            labels: (B, 1, *level_size) class indices at this level, used if the level has ``fuse``.
+            num_classes: number of one-hot channels.
+            run: calls a module (or function) on tensors, with or without gradient checkpointing.
+            upsample: the coarser decoder level's upsampling, or ``None``.
+
+        Under gradient checkpointing the first residual block runs in one call with the upsampling and the mask
+        fusion before it, so the backward pass keeps the coarse input, not the upsampled map, the fusion's
+        concatenated input and its output (three full-size maps at the finest level).
+
+        Returns:
+            (B, C_out, *level_size) features.
+        """
+        fuse = self.fuse if labels is not None else None
+        for index, block in enumerate(self.res_blocks):
+            if index == 0 and (fuse is not None or upsample is not None):
+                h = run(_enter_level, h, labels, upsample, fuse, block, num_classes)
+            else:
+                h = run(block, h)
+        return h
+
+
+def _enter_level(
+    h: Tensor, labels: Tensor | None, upsample: nn.Module | None, fuse: nn.Module | None, block: nn.Module, num_classes: int
+) -> Tensor:
+    """A level's first residual block after the optional upsampling and mask fusion (see :meth:`_Level.blocks`)."""
+    if upsample is not None:
+        h = upsample(h)
+    if fuse is not None and labels is not None:
+        h = fuse(torch.cat([h, _one_hot(labels, num_classes, h.dtype)], dim=1))
+    out: Tensor = block(h)
+    return out
 
 
 class _Encoder(nn.Module):
@@ -251,12 +293,12 @@ class _Encoder(nn.Module):
         self.norm_out = _make_norm(norm, width, norm_num_groups, norm_eps)
         self.conv_out = _conv(width, latent_channels, 3)
 
-    def forward(self, x: Tensor, labels: Sequence[Tensor] | None, run: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    def forward(self, x: Tensor, labels: Sequence[Tensor] | None, run: Callable[..., Tensor]) -> Tensor:
         """
         Args:
             x: (B, in_channels, *spatial) image.
             labels: per-level (B, 1, *level_size) class indices, full resolution first; ``None`` without mask.
-            run: calls a residual block, with or without gradient checkpointing.
+            run: calls a module (or function) on tensors, with or without gradient checkpointing.
 
         Returns:
             (B, latent_channels, *spatial / f) features.
@@ -331,19 +373,19 @@ class _Decoder(nn.Module):
         self.norm_out = _make_norm(norm, width, norm_num_groups, norm_eps)
         self.conv_out = _conv(width, out_channels, 3)
 
-    def forward(self, z: Tensor, labels: Sequence[Tensor] | None, run: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    def forward(self, z: Tensor, labels: Sequence[Tensor] | None, run: Callable[..., Tensor]) -> Tensor:
         """
         Args:
             z: (B, latent_channels, *latent_size) post-quantisation latent.
             labels: per-level (B, 1, *level_size) class indices, full resolution first; ``None`` without mask.
-            run: calls a residual block, with or without gradient checkpointing.
+            run: calls a module (or function) on tensors, with or without gradient checkpointing.
 
         Returns:
             (B, out_channels, *latent_size * f) image.
         """
         return self.tail(self.head(z, labels, run), labels, run)
 
-    def head(self, z: Tensor, labels: Sequence[Tensor] | None, run: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    def head(self, z: Tensor, labels: Sequence[Tensor] | None, run: Callable[..., Tensor]) -> Tensor:
         """The part of the decoder that runs at the latent resolution: ``conv_in``, then the lowest level's mask
         fusion and residual blocks (not its upsampling).
 
@@ -361,18 +403,24 @@ class _Decoder(nn.Module):
             h = run(block, h)
         return h
 
-    def tail(self, h: Tensor, labels: Sequence[Tensor] | None, run: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    def _output_head(self, h: Tensor) -> Tensor:
+        out: Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return out
+
+    def tail(self, h: Tensor, labels: Sequence[Tensor] | None, run: Callable[..., Tensor]) -> Tensor:
         """The rest of the decoder after :meth:`head`: upsampling, the finer levels and the output convolution.
 
         Returns:
             (B, out_channels, *latent_size * f) image.
         """
-        if self.levels[0].resample is not None:
-            h = self.levels[0].resample(h)
         n = len(self.levels)
+        upsample = self.levels[0].resample
         for i in range(1, n):
-            h = self.levels[i](h, None if labels is None else labels[n - 1 - i], self.num_classes, run)
-        out: Tensor = self.conv_out(F.silu(self.norm_out(h)))
+            # each upsampling runs inside the next level's first checkpointed call (see _Level.blocks)
+            h = self.levels[i].blocks(h, None if labels is None else labels[n - 1 - i], self.num_classes, run, upsample)
+            upsample = self.levels[i].resample
+        # checkpointed, the output head keeps its input, not the normalised and activated copies
+        out: Tensor = run(self._output_head, h)
         if self.output_shift != 0.0 or self.output_scale != 1.0:
             out = out * self.output_scale + self.output_shift
         return out
@@ -718,18 +766,18 @@ class MaskGuidedAutoencoder(nn.Module):
                 f"z must be a (B, latent_channels={self.latent_channels}, h, w, d) latent, got {shape}."
             )
 
-    def _runner(self) -> Callable[[nn.Module, Tensor], Tensor]:
+    def _runner(self) -> Callable[..., Tensor]:
         """How levels call their residual blocks: directly, or through non-reentrant gradient checkpointing."""
         if self.use_checkpointing and torch.is_grad_enabled():
 
-            def run(module: nn.Module, x: Tensor) -> Tensor:
-                out: Tensor = checkpoint(module, x, use_reentrant=False)
+            def run(function: Callable[..., Tensor], *args: Any) -> Tensor:
+                out: Tensor = checkpoint(function, *args, use_reentrant=False)
                 return out
 
             return run
 
-        def run_plain(module: nn.Module, x: Tensor) -> Tensor:
-            out: Tensor = module(x)
+        def run_plain(function: Callable[..., Tensor], *args: Any) -> Tensor:
+            out: Tensor = function(*args)
             return out
 
         return run_plain

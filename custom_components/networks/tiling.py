@@ -19,6 +19,7 @@ import itertools
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -170,8 +171,8 @@ def tiled_decode(
     placement = _network_placement(autoencoder)
     decoder, levels = autoencoder.decoder, autoencoder.num_levels
 
-    def run(module: torch.nn.Module, x: Tensor) -> Tensor:
-        return module(x)
+    def run(function: Callable[..., Tensor], *args: Any) -> Tensor:
+        return function(*args)
 
     def head(part: Tensor, label_levels: list[Tensor] | None) -> Tensor:
         return decoder.head(autoencoder.post_quant_conv(part), label_levels, run)

@@ -86,15 +86,28 @@ class _ResBlock(DiffusionUNetResnetBlock):
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, emb: Tensor, skip: Tensor | None = None, upsample: nn.Module | None = None
+    ) -> Tensor:
         """
         Args:
-            x: (B, in_channels, H, W, D) features.
+            x: (B, C_x, H, W, D) features (before ``upsample``, if given).
             emb: (B, temb_channels) time embedding (before SiLU, as in MONAI).
+            skip: (B, C_s, H, W, D) U-Net skip features concatenated after ``x`` (``C_x + C_s = in_channels``), or
+                ``None``.
+            upsample: applied to ``x`` first (a decoder level's upsampling), or ``None``.
+
+        Under gradient checkpointing the backward pass keeps only this call's inputs; upsampling and
+        concatenating here rather than in the caller means those are the low-resolution ``x`` and the ``skip``
+        the encoder keeps anyway, not the 8× larger upsampled map and a concatenated copy.
 
         Returns:
             (B, out_channels, H, W, D) features.
         """
+        if upsample is not None:
+            x = upsample(x)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
         h = self.conv1(F.silu(self.norm1(x)))
         # A convolution's backward needs its input and weight, not its output, so adding in place is safe.
         h += self.time_emb_proj(F.silu(emb))[(...,) + (None,) * _SPATIAL_DIMS]
@@ -199,18 +212,30 @@ class _Unit(nn.Module):
                 out_channels, context_dim, num_head_channels, norm_num_groups, dropout
             )
 
-    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, run: Callable[..., Tensor]) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        emb: Tensor,
+        context: Tensor | None,
+        run: Callable[..., Tensor],
+        skip: Tensor | None = None,
+        upsample: nn.Module | None = None,
+    ) -> Tensor:
         """
         Args:
-            h: (B, in_channels, *spatial) features.
+            h: (B, C_h, *spatial) features.
             emb: (B, temb_channels) time embedding.
             context: (B, T, context_dim) tokens, used only if the unit has cross-attention.
             run: calls a sub-module, with or without gradient checkpointing.
+            skip: (B, C_s, *spatial) skip features concatenated after ``h`` (decoder units), with
+                ``C_h + C_s = in_channels``; ``None`` in the encoder.
+            upsample: the previous decoder level's upsampling, applied to ``h`` first (the first unit of a
+                decoder level below the lowest), or ``None``.
 
         Returns:
             (B, out_channels, *spatial) features.
         """
-        h = run(self.resnet, h, emb)
+        h = run(self.resnet, h, emb, skip, upsample)
         if self.self_attn is not None:
             h = run(self.self_attn, h)
         if self.cross_attn is not None:
@@ -586,14 +611,16 @@ class CrossAttentionUNet3D(nn.Module):
         for u in self.middle:
             h = u(h, emb, ctx[-1], run)
 
+        upsample: nn.Module | None = None  # a level's upsampling runs inside the next level's first residual block
         for i, dec in enumerate(self.decoder):
             level = self.num_levels - 1 - i
             for u in dec.units:
-                h = u(torch.cat([h, skips.pop()], dim=1), emb, ctx[level], run)
-            if dec.upsample is not None:
-                h = dec.upsample(h)
+                h = u(h, emb, ctx[level], run, skip=skips.pop(), upsample=upsample)
+                upsample = None
+            upsample = dec.upsample
 
-        out: Tensor = self.out(h)
+        # checkpointed, the head keeps its input, not the normalised and activated copies (3 full-size maps)
+        out: Tensor = run(self.out, h)
         return out
 
     def _forward_in_slabs(self, x: Tensor, emb: Tensor, ctx: list[Tensor | None], rows: int) -> Tensor:
