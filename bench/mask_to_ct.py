@@ -319,6 +319,11 @@ def main() -> None:
     if args.shipped:
         if args.autoencoder_path is not None:
             parser.error("--shipped scores the shipped latent generator with the shipped autoencoder it was trained on: drop --autoencoder_path")
+        trained_only = [f"--{name}" for name in ("maps", "prediction_types", "mask_encodings", "max_epochs")
+                        if getattr(args, name) != parser.get_default(name)]
+        if trained_only:
+            parser.error(f"--shipped trains nothing, so {', '.join(trained_only)} would be ignored: drop them (the class map, "
+                         "prediction type and mask encoding are the shipped generator's)")
         from custom_components.networks.checkpoints import read_checkpoint_info
 
         args.autoencoder_path = SHIPPED_AUTOENCODER
