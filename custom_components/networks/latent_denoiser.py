@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from custom_components.errors import GuideGenInputError
+from custom_components.networks.autoencoder import _one_hot  # no int64 copy per class and voxel, as streaming.py
 from custom_components.networks.factory import build_text_conditioned_unet
 from custom_components.networks.unet import TextConditionedUNet
 
@@ -258,10 +259,10 @@ class LatentDenoiser(nn.Module):
         if self.mask_encoding == "fractions":
             # A latent voxel covers k³ mask voxels; subsampling keeps one of them (and shifts the grid by half a
             # mask voxel), the shares keep how much of the voxel each class fills, e.g. the fat between organs.
-            onehot = F.one_hot(mask[:, 0].long(), self.num_classes).movedim(-1, 1).to(dtype)
+            onehot = _one_hot(mask, self.num_classes, dtype)
             return F.avg_pool3d(onehot, kernel_size=k) if k > 1 else onehot
         weight_dtype = next(self.mask_encoder.parameters()).dtype
-        onehot = F.one_hot(mask[:, 0].long(), self.num_classes).movedim(-1, 1).to(weight_dtype)
+        onehot = _one_hot(mask, self.num_classes, weight_dtype)
         cond: Tensor = self.mask_encoder(onehot)
         return cond.to(dtype)
 

@@ -229,8 +229,8 @@ class _Unit(nn.Module):
             run: calls a sub-module, with or without gradient checkpointing.
             skip: (B, C_s, *spatial) skip features concatenated after ``h`` (decoder units), with
                 ``C_h + C_s = in_channels``; ``None`` in the encoder.
-            upsample: the previous decoder level's upsampling, applied to ``h`` first (the first unit of a
-                decoder level below the lowest), or ``None``.
+            upsample: the coarser decoder level's upsampling, applied to ``h`` first (the first unit of every
+                decoder level but the lowest), or ``None``.
 
         Returns:
             (B, out_channels, *spatial) features.
