@@ -60,6 +60,7 @@ VARIANTS: Mapping[str, Mapping[str, Any]] = {
     "paper": {"text_dropout": 0.0, "tumor_loss_weight": 1.0, "aux_ce_weight": 0.0},
     "tumor10": {"tumor_loss_weight": 10.0},
     "tumor10_organ1": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 1.0},
+    "tumor10_organ03": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 0.3},
 }
 """Overrides of ``train.yaml`` + ``train_cpu.yaml`` per variant."""
 
