@@ -62,7 +62,8 @@ MAPS = ("plain", "body")
 ORGAN_TOLERANCE_HU = 50.0
 BODY_TOLERANCE_HU = 60.0
 PREDICTION_TYPES = tuple(str(kind) for kind in DDPMPredictionType)  # the bundle's prediction_type values
-DEFAULT_MASK_ENCODING = "onehot"  # its runs keep the folder and name they had before the encoding was a variant
+UNNAMED_MASK_ENCODING = "onehot"  # its runs keep the folder and name they had before the encoding was a variant
+DEFAULT_MASK_ENCODING = "fractions"  # the bundle's train.yaml default
 HELD_OUT_PHANTOM_SEED = 1000
 SHIPPED_GENERATOR = REPO / "bundles" / "guidegen_ldm" / "models" / "model.pt"
 
@@ -123,8 +124,8 @@ def build_data(work_dir: Path, map_name: str, held_out: HeldOut) -> tuple[Path, 
 
 
 def variant(prediction: str, encoding: str) -> str:
-    """A generator recipe's name in folders and results: the prediction type, and the mask encoding unless default."""
-    return prediction if encoding == DEFAULT_MASK_ENCODING else f"{prediction}_{encoding}"
+    """A generator recipe's name in folders and results: the prediction type, and the mask encoding unless onehot."""
+    return prediction if encoding == UNNAMED_MASK_ENCODING else f"{prediction}_{encoding}"
 
 
 def run_folder(work_dir: Path, map_name: str, recipe: str, seed: int) -> Path:

@@ -102,9 +102,9 @@ def write_untrained_models(
     latent_spatial = [s // factor for s in image_size]
     mask_factor = mask_size[0] // latent_spatial[0]
     latent_channels = int(arch["autoencoder"]["latent_channels"])
-    ldm = build_latent_denoiser(latent_channels=latent_channels, num_classes=n, text_dim=text_dim, mask_encoding="onehot",
+    ldm = build_latent_denoiser(latent_channels=latent_channels, num_classes=n, text_dim=text_dim, mask_encoding="fractions",
                                 mask_factor=mask_factor, mask_embed_channels=16, **arch["ldm"])
-    files["ldm"] = _save(ldm, {"stage": "ldm", **common, "architecture": arch["ldm"], "mask_encoding": "onehot", "mask_embed_channels": 16,
+    files["ldm"] = _save(ldm, {"stage": "ldm", **common, "architecture": arch["ldm"], "mask_encoding": "fractions", "mask_embed_channels": 16,
                                "mask_factor": mask_factor, "mask_size": mask_size, "latent_shape": [latent_channels, *latent_spatial],
                                "scale_factor": 1.0, "scaled_abs_max": 4.0, "num_train_timesteps": num_train_timesteps,
                                "text_dropout": 0.1, "autoencoder_sha256": file_digest(files["autoencoder"]),
