@@ -13,7 +13,10 @@ records (e.g. ``guidegen demo-data --output_dir /tmp/tc300 --num_phantoms 300 --
    patient with the tumor in another organ (that organ's diagnosis wording from the training records), and the null
    prompt. Reported per t: ``l1_own_null`` and ``l1_own_swapped`` (mean over voxels of the L1 distance between the
    class distributions) and ``own_organ_share`` (of the tumor probability mass lying in the own or the other organ,
-   the share in the own organ: under the own prompt and under the swapped one; a model that listens moves it).
+   the share in the own organ: under the own prompt and under the swapped one; a model that listens moves it), and
+   ``tumor_voxels`` (the tumor voxels the x_0 prediction holds in expectation, the sum of its tumor probabilities:
+   under the own prompt, under the same patient's "no tumor" prompt, and the true count; a model that listens draws
+   less tumor for "no tumor").
 3. **How much does cross-attention add?** For one case, each cross-attention block's update ``|W_o Attn(...)|``
    against its input ``|x|`` (Frobenius norms).
 
@@ -98,35 +101,41 @@ def prompt_sensitivity(pipeline: Any, class_map: Any, root: Path, training: Sequ
     wording = diagnosis_wording(training)
     organs = sorted(o for o in wording if o in names)
     generator = torch.Generator().manual_seed(seed)
-    rows: dict[int, list[tuple[float, float, float, float]]] = {int(t): [] for t in timesteps}
+    rows: dict[int, list[tuple[float, ...]]] = {int(t): [] for t in timesteps}
     for index, item in enumerate(held_out):
         record = item["record"]
         own = record.get("tumor_organ")
         if own not in organs:
             continue
         other = [o for o in organs if o != own][index % (len(organs) - 1)]
-        prompts = [item["text"], record_to_prompt(dict(record, tumor_organ=other, diagnosis=wording[other]))]
+        healthy = dict(record, tumor_organ=None, tumor_count=0, tumor_size_mm=None, stage=None, diagnosis="no abnormality")
+        prompts = [item["text"], record_to_prompt(dict(record, tumor_organ=other, diagnosis=wording[other])),
+                   item["text"], record_to_prompt(healthy)]
         features, mask = encoder(prompts)
-        features = torch.cat([features, features[:1]])
-        mask = torch.cat([mask.bool(), torch.zeros_like(mask[:1], dtype=torch.bool)])  # third: the null prompt
+        mask = mask.bool().clone()
+        mask[2] = False  # third: the null prompt
         labels = torch.as_tensor(np.asarray(nib.load(str(root / item["label"])).dataobj)).long()
         x0 = F.one_hot(labels, class_map.num_classes).permute(3, 0, 1, 2)[None].float()
         in_own, in_other = labels == names.index(own), labels == names.index(other)
         for t in timesteps:
             x_t = scheduler.q_sample(x0, int(t), generator=generator).to(torch.uint8)
             with torch.no_grad():
-                probs = network(x_t.expand(3, *x_t.shape[1:]), torch.full((3,), int(t)), features, mask).float().softmax(1)
+                probs = network(x_t.expand(4, *x_t.shape[1:]), torch.full((4,), int(t)), features, mask).float().softmax(1)
             mass = probs[:, tumor]
             share = [float(m[in_own].sum() / (m[in_own].sum() + m[in_other].sum() + 1e-8)) for m in mass[:2]]
             rows[int(t)].append((float((probs[0] - probs[2]).abs().sum(0).mean()),
-                                 float((probs[0] - probs[1]).abs().sum(0).mean()), *share))
+                                 float((probs[0] - probs[1]).abs().sum(0).mean()), *share,
+                                 float(mass[0].sum()), float(mass[3].sum()), float((labels == tumor).sum())))
     out = {}
     for t, values in rows.items():
         v = np.asarray(values)
         out[f"t{t}"] = {"cases": len(v), "l1_own_null": round(float(v[:, 0].mean()), 5),
                         "l1_own_swapped": round(float(v[:, 1].mean()), 5),
                         "own_organ_share": {"own_prompt": round(float(v[:, 2].mean()), 3),
-                                            "swapped_prompt": round(float(v[:, 3].mean()), 3)}}
+                                            "swapped_prompt": round(float(v[:, 3].mean()), 3)},
+                        "tumor_voxels": {"own_prompt": round(float(v[:, 4].mean()), 1),
+                                         "no_tumor_prompt": round(float(v[:, 5].mean()), 1),
+                                         "true": round(float(v[:, 6].mean()), 1)}}
     return out
 
 

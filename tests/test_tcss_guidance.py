@@ -24,7 +24,7 @@ from helpers_tiny_text import make_tiny_text_encoder_dir
 
 from custom_components.engines import TCSSIteration
 from custom_components.errors import GuideGenInputError
-from custom_components.losses import tumor_host_regions, tumor_organ_loss
+from custom_components.losses import tumor_host_regions, tumor_organ_loss, tumor_volume_loss
 from custom_components.networks import TextEncoder, build_text_conditioned_unet
 from custom_components.pipelines import TCSSPipeline
 from custom_components.schedulers import CategoricalDiffusionScheduler
@@ -477,6 +477,52 @@ def test_tumor_organ_weight_adds_exactly_its_term_and_zero_is_the_paper_loss():
     assert float(difference) == pytest.approx(weight * float(term), rel=1e-5)
 
 
+def test_tumor_volume_loss_is_the_squared_log_error_of_the_expected_tumor_voxels():
+    labels = _two_organs_with_tumors()  # one tumor voxel in samples 0 and 2, none in sample 1
+    voxels = labels[0].numel()
+    # the same logits everywhere: each voxel holds 1/N of tumor probability, so V̂ = voxels / N in every sample
+    uniform = torch.zeros(3, NUM_CLASSES, 6, 6, 6)
+    predicted = voxels / NUM_CLASSES
+    expected = (2 * (math.log1p(predicted) - math.log1p(1.0)) ** 2 + math.log1p(predicted) ** 2) / 3
+    assert float(tumor_volume_loss(uniform, labels, [TUMOR])) == pytest.approx(expected, rel=1e-5)
+    # a prediction with exactly the true tumor voxels costs nothing, wherever they lie (the organ loss scores that)
+    exact = torch.full((3, NUM_CLASSES, 6, 6, 6), -60.0)
+    exact[:, 0] = 0.0
+    exact[0, TUMOR, 0, 0, 0] = exact[2, TUMOR, 5, 5, 5] = 60.0
+    assert float(tumor_volume_loss(exact, labels, [TUMOR])) == pytest.approx(0.0, abs=1e-6)
+    # its gradient lowers the tumor logits where too much tumor is predicted: everywhere, healthy sample included
+    logits = uniform.clone().requires_grad_(True)
+    tumor_volume_loss(logits, labels, [TUMOR]).backward()
+    assert (logits.grad[:, TUMOR] > 0).all()
+    # too little tumor: it raises them, and a sample without a tumor asks for none
+    scarce = torch.zeros(3, NUM_CLASSES, 6, 6, 6)
+    scarce[:, TUMOR] = -30.0
+    scarce.requires_grad_(True)
+    tumor_volume_loss(scarce, labels, [TUMOR]).backward()
+    assert (scarce.grad[[0, 2], TUMOR] < 0).all() and (scarce.grad[1, TUMOR] >= 0).all()
+    with pytest.raises(GuideGenInputError, match="tumor_volume_loss_weight"):
+        tumor_volume_loss(uniform, labels, [])
+    with pytest.raises(GuideGenInputError, match="must be"):
+        tumor_volume_loss(uniform[:, :, :5], labels, [TUMOR])
+
+
+def test_tumor_volume_weight_adds_exactly_its_term():
+    scheduler, network, labels = _scheduler(), _RandomLogits(), _two_organs_with_tumors()[:, None]
+    weight = 0.4
+    plain = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1)
+    on = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_volume_loss_weight=weight,
+                       tumor_classes=[TUMOR])
+    with torch.no_grad():
+        torch.manual_seed(2)
+        x0 = F.one_hot(labels[:, 0], NUM_CLASSES).movedim(-1, 1).float()
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (3,))
+        logits = network(scheduler.q_sample(x0, timesteps), timesteps, None, None)
+        term = tumor_volume_loss(logits, labels[:, 0], [TUMOR])
+        assert term > 0
+        difference = _loss(on, network, labels, 2) - _loss(plain, network, labels, 2)
+    assert float(difference) == pytest.approx(weight * float(term), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ training: bad values
 
 
@@ -502,6 +548,9 @@ def test_tumor_organ_weight_adds_exactly_its_term_and_zero_is_the_paper_loss():
         ({"tumor_organ_loss_weight": float("nan"), "tumor_classes": [TUMOR]}, "tumor_organ_loss_weight"),
         ({"tumor_organ_loss_weight": True, "tumor_classes": [TUMOR]}, "tumor_organ_loss_weight"),
         ({"tumor_organ_loss_weight": 1.0}, "tumor_organ_loss_weight"),  # no tumor class to locate
+        ({"tumor_volume_loss_weight": -0.5, "tumor_classes": [TUMOR]}, "tumor_volume_loss_weight"),
+        ({"tumor_volume_loss_weight": float("inf"), "tumor_classes": [TUMOR]}, "tumor_volume_loss_weight"),
+        ({"tumor_volume_loss_weight": 1.0}, "tumor_volume_loss_weight"),  # no tumor class to count
     ],
 )
 def test_bad_training_values_raise_errors_naming_the_key(kwargs, key):
@@ -516,8 +565,9 @@ def test_configs_declare_and_wire_the_keys_at_their_settings():
     train = yaml.safe_load((CONFIGS / "train.yaml").read_text())
     assert train["text_dropout"] == 0.1 and train["tumor_loss_weight"] == 1.0 and train["class_loss_weights"] is None
     iteration = train["train"]["iteration"]
-    assert train["tumor_organ_loss_weight"] == 0.0
-    for key in ("text_dropout", "tumor_loss_weight", "class_loss_weights", "tumor_organ_loss_weight"):
+    assert train["tumor_organ_loss_weight"] == 0.0 and train["tumor_volume_loss_weight"] == 0.0
+    for key in ("text_dropout", "tumor_loss_weight", "class_loss_weights", "tumor_organ_loss_weight",
+                "tumor_volume_loss_weight"):
         assert iteration[key] == f"@{key}"
         params = next(h for h in train["train"]["handlers"] if h["_target_"].endswith("MLFlowHandler"))["experiment_param"]
         assert params[key] == f"@{key}"
@@ -541,7 +591,8 @@ def test_the_new_keys_are_accepted_as_overrides():
 
     for configs, overrides in (
         (["train.yaml", "train_cpu.yaml"], {"datalist": "d.json", "text_dropout": 0.2, "tumor_loss_weight": 3.0,
-                                            "class_loss_weights": [1.0] * 20, "tumor_organ_loss_weight": 0.5}),
+                                            "class_loss_weights": [1.0] * 20, "tumor_organ_loss_weight": 0.5,
+                                            "tumor_volume_loss_weight": 0.5}),
         (["inference.yaml"], {"model_path": "m.pt", "guidance_scale": 2.0}),
     ):
         ConfigWorkflow(config_file=[str(CONFIGS / c) for c in configs], logging_file=False, workflow_type=None,

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from custom_components.engines.distributed import average_gradients, broadcast_parameters
 from custom_components.errors import GuideGenInputError
-from custom_components.losses import tumor_organ_loss
+from custom_components.losses import tumor_organ_loss, tumor_volume_loss
 
 __all__ = ["make_ema", "AccumulatingIteration", "TCSSIteration", "LDMIteration"]
 
@@ -155,6 +155,10 @@ class TCSSIteration(AccumulatingIteration):
       tumor probability inside the organ that holds the true tumor
       (:func:`~custom_components.losses.tumor_organ_loss`): one term per sample that only reading the prompt can
       lower at high noise levels, where Eq. 6 hardly depends on the x_0 prediction.
+    - **Tumor-volume loss** (``tumor_volume_loss_weight`` μ): adds ``μ · (log(1 + V̂) − log(1 + V))²`` per sample,
+      the predicted (sum of tumor probabilities) against the true number of tumor voxels
+      (:func:`~custom_components.losses.tumor_volume_loss`): how much tumor to draw, "none" included, which the
+      organ loss leaves open and only the prompt can tell at high noise levels.
 
     Args:
         scheduler: a :class:`custom_components.schedulers.CategoricalDiffusionScheduler`.
@@ -174,6 +178,8 @@ class TCSSIteration(AccumulatingIteration):
             None: all 1 (the paper).
         tumor_organ_loss_weight: weight λ >= 0 of the tumor-organ loss (0: the paper, not computed); needs
             ``tumor_classes``.
+        tumor_volume_loss_weight: weight μ >= 0 of the tumor-volume loss (0: the paper, not computed); needs
+            ``tumor_classes``.
         kwargs: see :class:`AccumulatingIteration`.
 
     Raises:
@@ -192,6 +198,7 @@ class TCSSIteration(AccumulatingIteration):
         tumor_classes: Sequence[int] = (),
         class_loss_weights: Sequence[float] | None = None,
         tumor_organ_loss_weight: float = 0.0,
+        tumor_volume_loss_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -199,6 +206,9 @@ class TCSSIteration(AccumulatingIteration):
             raise GuideGenInputError(f"aux_ce_weight = {aux_ce_weight} must be >= 0")
         self.tumor_organ_loss_weight = _tumor_weight(
             tumor_organ_loss_weight, "tumor_organ_loss_weight", paper=0, tumor_classes=tumor_classes
+        )
+        self.tumor_volume_loss_weight = _tumor_weight(
+            tumor_volume_loss_weight, "tumor_volume_loss_weight", paper=0, tumor_classes=tumor_classes
         )
         self.tumor_classes = tuple(int(c) for c in tumor_classes)
         self.aux_ce_weight = float(aux_ce_weight)
@@ -265,6 +275,8 @@ class TCSSIteration(AccumulatingIteration):
                 loss = loss + self.aux_ce_weight * (weights * ce).mean()
         if self.tumor_organ_loss_weight:
             loss = loss + self.tumor_organ_loss_weight * tumor_organ_loss(logits, labels[:, 0], self.tumor_classes)
+        if self.tumor_volume_loss_weight:
+            loss = loss + self.tumor_volume_loss_weight * tumor_volume_loss(logits, labels[:, 0], self.tumor_classes)
         return loss, {"timesteps": timesteps.detach()}
 
 
