@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from custom_components.errors import GuideGenInputError
+from custom_components.networks.layers import norm_silu
 from custom_components.networks.layers import same_conv3d as _conv
 
 __all__ = ["MaskGuidedAutoencoder", "VoxelNorm"]
@@ -117,6 +118,7 @@ class _ResBlock(AEKLResBlock):
         if norm == "voxel":
             self.norm1 = VoxelNorm(in_channels, norm_eps)
             self.norm2 = VoxelNorm(out_channels, norm_eps)
+        self.recompute_norms = False  # set by a network trained with gradient checkpointing (see norm_silu)
 
     def forward(self, x: Tensor) -> Tensor:
         """
@@ -126,8 +128,8 @@ class _ResBlock(AEKLResBlock):
         Returns:
             (B, out_channels, *spatial) features.
         """
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(norm_silu(self.norm1, x, self.recompute_norms))
+        h = self.conv2(norm_silu(self.norm2, h, self.recompute_norms))
         h += self.nin_shortcut(x)
         return h
 
@@ -518,7 +520,6 @@ class MaskGuidedAutoencoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.latent_channels = latent_channels
         self.norm = norm
-        self.use_checkpointing = use_checkpointing
         self.intensity_shift = float(intensity_shift)
         self.intensity_scale = float(intensity_scale)
 
@@ -531,6 +532,20 @@ class MaskGuidedAutoencoder(nn.Module):
             latent_channels, num_classes, channels, num_res_blocks, out_channels, *norm_args,
             output_shift=self.intensity_shift, output_scale=self.intensity_scale,
         )  # fmt: skip
+        self.use_checkpointing = use_checkpointing  # after the blocks exist: the setter reaches into them
+
+    @property
+    def use_checkpointing(self) -> bool:
+        """Whether training recomputes every block in the backward pass (and each block's norm + SiLU pairs, see
+        :func:`~custom_components.networks.layers.norm_silu`); settable."""
+        return self._use_checkpointing
+
+    @use_checkpointing.setter
+    def use_checkpointing(self, value: bool) -> None:
+        self._use_checkpointing = bool(value)
+        for module in self.modules():
+            if isinstance(module, _ResBlock):
+                module.recompute_norms = self._use_checkpointing
 
     @staticmethod
     def _validate_config(

@@ -38,6 +38,7 @@ from monai.networks.nets.diffusion_model_unet import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from custom_components.networks.layers import norm_silu
 from custom_components.networks.layers import same_conv3d as _conv
 from custom_components.networks.slabs import (
     LazyRows,
@@ -85,6 +86,7 @@ class _ResBlock(DiffusionUNetResnetBlock):
             norm_eps=_NORM_EPS,
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.recompute_norms = False  # set by a network trained with gradient checkpointing (see norm_silu)
 
     def forward(
         self, x: Tensor, emb: Tensor, skip: Tensor | None = None, upsample: nn.Module | None = None
@@ -108,10 +110,10 @@ class _ResBlock(DiffusionUNetResnetBlock):
             x = upsample(x)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x, self.recompute_norms))
         # A convolution's backward needs its input and weight, not its output, so adding in place is safe.
         h += self.time_emb_proj(F.silu(emb))[(...,) + (None,) * _SPATIAL_DIMS]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h, self.recompute_norms)))
         h += self.skip_connection(x)
         return h
 
@@ -355,7 +357,6 @@ class CrossAttentionUNet3D(nn.Module):
         # Levels without cross-attention take no context: None tells the injector to emit nothing there, so
         # no parameter goes unused (DDP requires every parameter to receive a gradient).
         self._context_dims = tuple(d if cross else None for d, cross in zip(context_dims, cross_attention_levels))
-        self.use_checkpointing = use_checkpointing
         num_levels = len(channels)
 
         self.conv_in = _conv(in_channels, channels[0], 3)
@@ -428,6 +429,20 @@ class CrossAttentionUNet3D(nn.Module):
             nn.SiLU(),
             zero_module(_conv(channels[0], out_channels, 3)),
         )
+        self.use_checkpointing = use_checkpointing  # after the blocks exist: the setter reaches into them
+
+    @property
+    def use_checkpointing(self) -> bool:
+        """Whether training recomputes every block in the backward pass (and each block's norm + SiLU pairs, see
+        :func:`~custom_components.networks.layers.norm_silu`); settable."""
+        return self._use_checkpointing
+
+    @use_checkpointing.setter
+    def use_checkpointing(self, value: bool) -> None:
+        self._use_checkpointing = bool(value)
+        for module in self.modules():
+            if isinstance(module, _ResBlock):
+                module.recompute_norms = self._use_checkpointing
 
     @property
     def context_dims(self) -> tuple[int | None, ...]:
