@@ -458,23 +458,27 @@ def test_tumor_organ_loss_is_minus_log_the_share_inside_the_host_organ():
     assert float(zero.detach()) == 0.0 and zero.requires_grad
 
 
-def test_tumor_organ_weight_adds_exactly_its_term_and_zero_is_the_paper_loss():
+def _check_added_term(key: str, term_fn, weight: float) -> None:
+    """``TCSSIteration`` with ``key`` = ``weight`` adds exactly ``weight · term_fn(logits, labels, tumor classes)``
+    to the loss (the logits of the same draws), and with ``key`` = 0 computes the plain loss."""
     scheduler, network, labels = _scheduler(), _RandomLogits(), _two_organs_with_tumors()[:, None]
-    weight = 0.7
     plain = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1)
-    off = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_organ_loss_weight=0.0, tumor_classes=[TUMOR])
-    on = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_organ_loss_weight=weight,
-                       tumor_classes=[TUMOR])
+    off = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_classes=[TUMOR], **{key: 0.0})
+    on = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_classes=[TUMOR], **{key: weight})
     with torch.no_grad():
         torch.manual_seed(2)
         x0 = F.one_hot(labels[:, 0], NUM_CLASSES).movedim(-1, 1).float()
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (3,))
         logits = network(scheduler.q_sample(x0, timesteps), timesteps, None, None)
-        term = tumor_organ_loss(logits, labels[:, 0], [TUMOR])
+        term = term_fn(logits, labels[:, 0], [TUMOR])
         assert term > 0
         assert torch.equal(_loss(off, network, labels, 2), _loss(plain, network, labels, 2))
         difference = _loss(on, network, labels, 2) - _loss(plain, network, labels, 2)
     assert float(difference) == pytest.approx(weight * float(term), rel=1e-5)
+
+
+def test_tumor_organ_weight_adds_exactly_its_term_and_zero_is_the_paper_loss():
+    _check_added_term("tumor_organ_loss_weight", tumor_organ_loss, 0.7)
 
 
 def test_tumor_volume_loss_is_the_squared_log_error_of_the_expected_tumor_voxels():
@@ -506,21 +510,8 @@ def test_tumor_volume_loss_is_the_squared_log_error_of_the_expected_tumor_voxels
         tumor_volume_loss(uniform[:, :, :5], labels, [TUMOR])
 
 
-def test_tumor_volume_weight_adds_exactly_its_term():
-    scheduler, network, labels = _scheduler(), _RandomLogits(), _two_organs_with_tumors()[:, None]
-    weight = 0.4
-    plain = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1)
-    on = TCSSIteration(scheduler, _ConstantText(), aux_ce_weight=0.1, tumor_volume_loss_weight=weight,
-                       tumor_classes=[TUMOR])
-    with torch.no_grad():
-        torch.manual_seed(2)
-        x0 = F.one_hot(labels[:, 0], NUM_CLASSES).movedim(-1, 1).float()
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (3,))
-        logits = network(scheduler.q_sample(x0, timesteps), timesteps, None, None)
-        term = tumor_volume_loss(logits, labels[:, 0], [TUMOR])
-        assert term > 0
-        difference = _loss(on, network, labels, 2) - _loss(plain, network, labels, 2)
-    assert float(difference) == pytest.approx(weight * float(term), rel=1e-5)
+def test_tumor_volume_weight_adds_exactly_its_term_and_zero_is_the_paper_loss():
+    _check_added_term("tumor_volume_loss_weight", tumor_volume_loss, 0.4)
 
 
 # ------------------------------------------------------------------------------------------------ training: bad values

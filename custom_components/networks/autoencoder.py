@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from custom_components.errors import GuideGenInputError
-from custom_components.networks.layers import norm_silu
+from custom_components.networks.layers import CheckpointedNetwork, RecomputesNorms, norm_silu
 from custom_components.networks.layers import same_conv3d as _conv
 
 __all__ = ["MaskGuidedAutoencoder", "VoxelNorm"]
@@ -90,7 +90,7 @@ class VoxelNorm(nn.Module):
         return f"{self.num_channels}, eps={self.eps}"
 
 
-class _ResBlock(AEKLResBlock):
+class _ResBlock(RecomputesNorms, AEKLResBlock):
     """MONAI's autoencoder residual block, with a choice of normalisation and one temporary fewer.
 
     :class:`AEKLResBlock` hard-codes GroupNorm. For ``norm="voxel"`` it is built with a single group (valid for any
@@ -118,7 +118,6 @@ class _ResBlock(AEKLResBlock):
         if norm == "voxel":
             self.norm1 = VoxelNorm(in_channels, norm_eps)
             self.norm2 = VoxelNorm(out_channels, norm_eps)
-        self.recompute_norms = False  # set by a network trained with gradient checkpointing (see norm_silu)
 
     def forward(self, x: Tensor) -> Tensor:
         """
@@ -428,7 +427,7 @@ class _Decoder(nn.Module):
         return out
 
 
-class MaskGuidedAutoencoder(nn.Module):
+class MaskGuidedAutoencoder(CheckpointedNetwork):
     """GuideGen's anatomy-aware 3D KL autoencoder: ``(μ, σ) = E(x, m)``, ``x̂ = D(z, m)`` (paper Fig. 1b).
 
     The training objective around it (HDR-window L1, Eq. 7-8; perceptual, KL and 2D/3D adversarial terms, Eq. 9)
@@ -533,19 +532,6 @@ class MaskGuidedAutoencoder(nn.Module):
             output_shift=self.intensity_shift, output_scale=self.intensity_scale,
         )  # fmt: skip
         self.use_checkpointing = use_checkpointing  # after the blocks exist: the setter reaches into them
-
-    @property
-    def use_checkpointing(self) -> bool:
-        """Whether training recomputes every block in the backward pass (and each block's norm + SiLU pairs, see
-        :func:`~custom_components.networks.layers.norm_silu`); settable."""
-        return self._use_checkpointing
-
-    @use_checkpointing.setter
-    def use_checkpointing(self, value: bool) -> None:
-        self._use_checkpointing = bool(value)
-        for module in self.modules():
-            if isinstance(module, _ResBlock):
-                module.recompute_norms = self._use_checkpointing
 
     @staticmethod
     def _validate_config(

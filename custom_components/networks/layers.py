@@ -8,7 +8,34 @@ from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["norm_silu", "same_conv3d"]
+__all__ = ["CheckpointedNetwork", "RecomputesNorms", "norm_silu", "same_conv3d"]
+
+
+class RecomputesNorms:
+    """Mixin of a residual block whose norm + SiLU pairs go through :func:`norm_silu`; ``recompute_norms`` is set
+    by its :class:`CheckpointedNetwork`."""
+
+    recompute_norms: bool = False
+
+
+class CheckpointedNetwork(nn.Module):
+    """A network with a ``use_checkpointing`` switch (recompute every block in the backward pass) that also reaches
+    its :class:`RecomputesNorms` blocks. Set it after the blocks are built."""
+
+    _use_checkpointing: bool = False
+
+    @property
+    def use_checkpointing(self) -> bool:
+        """Whether training recomputes every block in the backward pass (and each block's norm + SiLU pairs, see
+        :func:`norm_silu`); settable."""
+        return self._use_checkpointing
+
+    @use_checkpointing.setter
+    def use_checkpointing(self, value: bool) -> None:
+        self._use_checkpointing = bool(value)
+        for module in self.modules():
+            if isinstance(module, RecomputesNorms):
+                module.recompute_norms = self._use_checkpointing
 
 
 def _silu_of_norm(norm: nn.Module, x: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ from monai.networks.nets.diffusion_model_unet import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from custom_components.networks.layers import norm_silu
+from custom_components.networks.layers import CheckpointedNetwork, RecomputesNorms, norm_silu
 from custom_components.networks.layers import same_conv3d as _conv
 from custom_components.networks.slabs import (
     LazyRows,
@@ -58,7 +58,7 @@ _NORM_EPS = 1e-6
 _SPATIAL_DIMS = 3
 
 
-class _ResBlock(DiffusionUNetResnetBlock):
+class _ResBlock(RecomputesNorms, DiffusionUNetResnetBlock):
     """MONAI's timestep-conditioned residual block, with dropout and fewer temporaries.
 
     Same parameters (and state-dict keys) as :class:`DiffusionUNetResnetBlock`; the forward pass differs only in
@@ -86,7 +86,6 @@ class _ResBlock(DiffusionUNetResnetBlock):
             norm_eps=_NORM_EPS,
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.recompute_norms = False  # set by a network trained with gradient checkpointing (see norm_silu)
 
     def forward(
         self, x: Tensor, emb: Tensor, skip: Tensor | None = None, upsample: nn.Module | None = None
@@ -273,7 +272,7 @@ class _DecoderLevel(nn.Module):
         self.upsample = upsample
 
 
-class CrossAttentionUNet3D(nn.Module):
+class CrossAttentionUNet3D(CheckpointedNetwork):
     """Timestep- and text-conditioned 3D U-Net: ``f_θ(x_t, t, c)`` of GuideGen Eq. 5-6 and ``ε_θ`` of Eq. 10-11.
 
     The layout follows MONAI's ``DiffusionModelUNet`` (whose residual, down/up-sampling blocks and timestep
@@ -430,19 +429,6 @@ class CrossAttentionUNet3D(nn.Module):
             zero_module(_conv(channels[0], out_channels, 3)),
         )
         self.use_checkpointing = use_checkpointing  # after the blocks exist: the setter reaches into them
-
-    @property
-    def use_checkpointing(self) -> bool:
-        """Whether training recomputes every block in the backward pass (and each block's norm + SiLU pairs, see
-        :func:`~custom_components.networks.layers.norm_silu`); settable."""
-        return self._use_checkpointing
-
-    @use_checkpointing.setter
-    def use_checkpointing(self, value: bool) -> None:
-        self._use_checkpointing = bool(value)
-        for module in self.modules():
-            if isinstance(module, _ResBlock):
-                module.recompute_norms = self._use_checkpointing
 
     @property
     def context_dims(self) -> tuple[int | None, ...]:
