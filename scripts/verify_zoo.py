@@ -177,7 +177,7 @@ CKPT_EXPORT_LOAD = r"""
 import sys, torch
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
-from custom_components.engines import read_model_file
+from custom_components.networks import read_model_file
 bundle = sys.argv[1]
 parser = ConfigParser()
 parser.read_config(f"{bundle}/configs/inference.yaml")
