@@ -90,15 +90,16 @@ def latent_grid_mixing(mask: np.ndarray, factor: int) -> dict[str, float]:
 
 def load_cases(datalist: Path) -> tuple[list[dict], int]:
     """Every case of a prepared datalist (training and validation) with absolute paths, and its body class."""
+    from custom_components.data.class_map import load_class_map
+
     data = json.loads(datalist.read_text())
-    class_map = json.loads((datalist.parent / data.get("class_map", "class_map.json")).read_text())
-    names = [c["name"] for c in class_map["classes"]]
-    if "body" not in names:
-        raise SystemExit(f"{datalist}: its class map has no 'body' class; prepare the data with --body_class")
+    class_map = load_class_map(datalist.parent / data.get("class_map", "class_map.json"))
+    if class_map.body_index is None:
+        raise SystemExit(f"{datalist}: its class map has no body class; prepare the data with --body_class")
     cases = []
     for item in [*data.get("training", []), *data.get("validation", [])]:
         cases.append({**item, "image": datalist.parent / item["image"], "label": datalist.parent / item["label"]})
-    return cases, names.index("body")
+    return cases, class_map.body_index
 
 
 def medians(ct: np.ndarray, bins: list[np.ndarray]) -> list[float | None]:

@@ -28,7 +28,15 @@ from torch import Tensor
 
 from custom_components.errors import GuideGenInputError
 
-__all__ = ["tumor_host_regions", "tumor_organ_loss"]
+__all__ = ["check_logits_match_labels", "tumor_host_regions", "tumor_organ_loss"]
+
+
+def check_logits_match_labels(logits: Tensor, labels: Tensor) -> None:
+    """Refuse x_0 logits that are not (B, N, *spatial) for class indices (B, *spatial) (GuideGenInputError)."""
+    if logits.ndim != labels.ndim + 1 or logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:
+        raise GuideGenInputError(
+            f"logits {tuple(logits.shape)} must be (B, N, *spatial) for labels (B, *spatial) {tuple(labels.shape)}"
+        )
 
 
 def tumor_host_regions(labels: Tensor, tumor_classes: Sequence[int], background: int = 0) -> tuple[Tensor, Tensor]:
@@ -86,10 +94,7 @@ def tumor_organ_loss(logits: Tensor, labels: Tensor, tumor_classes: Sequence[int
     Raises:
         GuideGenInputError: see :func:`tumor_host_regions`; logits and labels of different sizes.
     """
-    if logits.ndim != labels.ndim + 1 or logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:
-        raise GuideGenInputError(
-            f"logits {tuple(logits.shape)} must be (B, N, *spatial) for labels (B, *spatial) {tuple(labels.shape)}"
-        )
+    check_logits_match_labels(logits, labels)
     regions, valid = tumor_host_regions(labels, tumor_classes, background)
     log_probs = torch.log_softmax(logits.float(), dim=1)
     log_tumor = torch.logsumexp(log_probs[:, list(tumor_classes)], dim=1).flatten(1)  # (B, V)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from custom_components.errors import GuideGenInputError
+from custom_components.losses.tumor_organ import check_logits_match_labels
 
 __all__ = ["tumor_volume_loss"]
 
@@ -47,10 +48,7 @@ def tumor_volume_loss(logits: Tensor, labels: Tensor, tumor_classes: Sequence[in
             "the tumor-volume loss needs a tumor class, but the class map names none (its 'tumor_class'); set "
             "tumor_volume_loss_weight to 0"
         )
-    if logits.ndim != labels.ndim + 1 or logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:
-        raise GuideGenInputError(
-            f"logits {tuple(logits.shape)} must be (B, N, *spatial) for labels (B, *spatial) {tuple(labels.shape)}"
-        )
+    check_logits_match_labels(logits, labels)
     tumor_ids = list(tumor_classes)
     predicted = torch.softmax(logits.float(), dim=1)[:, tumor_ids].sum(dim=1).flatten(1).sum(dim=1)
     true = torch.isin(labels, torch.as_tensor(tumor_ids, device=labels.device)).flatten(1).sum(dim=1).float()
