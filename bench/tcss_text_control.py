@@ -63,6 +63,7 @@ VARIANTS: Mapping[str, Mapping[str, Any]] = {
     "tumor10_organ03": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 0.3},
     "organ1_volume1": {"tumor_organ_loss_weight": 1.0, "tumor_volume_loss_weight": 1.0},
     "tumor10_organ1_volume1": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 1.0, "tumor_volume_loss_weight": 1.0},
+    "tumor10_organ10_volume1": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 10.0, "tumor_volume_loss_weight": 1.0},
 }
 """Overrides of ``train.yaml`` + ``train_cpu.yaml`` per variant."""
 

@@ -22,6 +22,8 @@ records (e.g. ``guidegen demo-data --output_dir /tmp/tc300 --num_phantoms 300 --
 
 Usage (prints one JSON object):
     .venv/bin/python bench/tcss_text_path.py --model MODEL.pt --datalist /tmp/tc300/datalist.json
+    # an unfinished run, at its epoch K: the EMA weights the trainer would export (--weights network: the raw ones)
+    .venv/bin/python bench/tcss_text_path.py --checkpoint RUN/models/checkpoint_epoch=K.pt --datalist /tmp/tc300/datalist.json
 """
 
 from __future__ import annotations
@@ -166,14 +168,21 @@ def cross_attention_updates(pipeline: Any, root: Path, item: Mapping[str, Any], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="a trained TCSS model file (models/model.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="a trained TCSS model file (models/model.pt)")
+    source.add_argument("--checkpoint", type=Path,
+                        help="a TCSS training checkpoint (models/checkpoint_epoch=K.pt), probed through the model file "
+                             "the trainer would export from it (see --weights)")
+    parser.add_argument("--weights", choices=("ema", "network"), default="ema",
+                        help="with --checkpoint: the EMA weights (default, what the trainer exports) or the last "
+                             "optimiser step's raw weights")
     parser.add_argument("--datalist", type=Path, required=True, help="datalist.json of a data set with records")
     parser.add_argument("--max_records", type=int, default=8, help="held-out records with a tumor probed in part 2")
     parser.add_argument("--timesteps", default="600,800,950", help="comma-separated noise steps of part 2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    for path in (args.model, args.datalist):
+    for path in (args.model or args.checkpoint, args.datalist):
         if not path.is_file():
             parser.error(f"{path} not found")
     try:
@@ -189,18 +198,27 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    model = args.model
+    if args.checkpoint is not None:
+        import tempfile
+
+        from custom_components.engines import model_file_from_checkpoint
+
+        model = model_file_from_checkpoint(args.checkpoint, Path(tempfile.mkdtemp(prefix="tcss_text_path_")) / "model.pt",
+                                           args.weights)
     root = args.datalist.resolve().parent
     content = json.loads(args.datalist.read_text())
     training = [i for i in content["training"] if i.get("record")]
     held_out = [i for i in content.get("validation", []) if i.get("record")]
     if not training or not held_out:
         parser.error(f"{args.datalist} needs records in both its training and validation splits")
-    config = bundle_config("guidegen_tcss", overrides={"device": torch.device("cpu"), "model_path": str(args.model),
+    config = bundle_config("guidegen_tcss", overrides={"device": torch.device("cpu"), "model_path": str(model),
                                                         "class_map_path": str(root / content["class_map"])})
     pipeline, class_map = config.get_parsed_content("pipeline"), config.get_parsed_content("class_map")
     with_tumor = [i for i in held_out if i["record"].get("tumor_organ")][: args.max_records]
     result = {
-        "model": str(args.model), "datalist": str(args.datalist),
+        "model": str(args.model or args.checkpoint), "weights": "model file" if args.checkpoint is None else args.weights,
+        "datalist": str(args.datalist),
         "text_content": text_content(pipeline, training, held_out),
         "prompt_sensitivity": prompt_sensitivity(pipeline, class_map, root, training, with_tumor, timesteps, args.seed),
         "cross_attention_update_ratio": cross_attention_updates(pipeline, root, with_tumor[0], class_map.num_classes, max(timesteps)),

@@ -176,3 +176,31 @@ def test_any_stage_is_rebuilt_from_its_model_file_alone(name):
             network_from_info(info, info["num_classes"])
     with pytest.raises(GuideGenInputError, match="stage 'gan'"):
         network_from_info({**info, "stage": "gan"}, info["num_classes"], text_dim=384)
+
+
+def test_a_training_checkpoint_exports_the_model_file_the_trainer_would_write(tmp_path):
+    from custom_components.engines import make_ema, model_file_from_checkpoint
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3), torch.nn.GroupNorm(2, 4))
+    ema = make_ema(network, 0.5)
+    ema.update_parameters(network)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(1.0)  # the raw weights move on after the average was taken
+    info = {"stage": "tcss", "num_classes": 20}
+    checkpoint = tmp_path / "checkpoint_epoch=3.pt"
+    torch.save({"network": network.state_dict(), "ema": ema.state_dict(), "info": info, "optimizer": {}}, checkpoint)
+
+    for weights, expected in (("ema", ema.module.state_dict()), ("network", network.state_dict())):
+        written = read_model_file(model_file_from_checkpoint(checkpoint, tmp_path / f"{weights}.pt", weights))
+        assert written["info"]["stage"] == "tcss"
+        assert set(written["model"]) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(written["model"][key], value), (weights, key)
+    assert not torch.equal(read_model_file(tmp_path / "ema.pt")["model"]["0.weight"], network.state_dict()["0.weight"])
+
+    model_file = _small_model_file(tmp_path / "model.pt")
+    with pytest.raises(GuideGenInputError, match="not a training checkpoint.*already a model file"):
+        model_file_from_checkpoint(model_file, tmp_path / "out.pt")
+    with pytest.raises(GuideGenInputError, match="weights must be"):
+        model_file_from_checkpoint(checkpoint, tmp_path / "out.pt", "latest")

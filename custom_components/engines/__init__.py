@@ -1,6 +1,13 @@
 """Ignite-based training shared by the GuideGen bundles: trainer, stage iterations, checkpoints, DDP."""
 
-from .checkpoints import InferenceWeights, compact_model_file, convert_model_file, latest_checkpoint, write_model_file
+from .checkpoints import (
+    InferenceWeights,
+    compact_model_file,
+    convert_model_file,
+    latest_checkpoint,
+    model_file_from_checkpoint,
+    write_model_file,
+)
 from .handlers import ResumeFromLatest, TrainingCheckpointSaver, TrainingProgressBar
 from .distributed import (
     average_gradients,
@@ -22,6 +29,7 @@ __all__ = [
     "latest_checkpoint",
     "compact_model_file",
     "convert_model_file",
+    "model_file_from_checkpoint",
     "InferenceWeights",
     "write_model_file",
     "average_gradients",

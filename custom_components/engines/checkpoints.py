@@ -67,6 +67,42 @@ class InferenceWeights:
         self._module().load_state_dict(weights)
 
 
+def model_file_from_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, weights: str = "ema") -> Path:
+    """Write the model file a training checkpoint stands for: what the trainer would write as ``models/model.pt``.
+
+    The TCSS and latent-generator trainers save the EMA weights as the model file (``InferenceWeights(ema.module)``),
+    so an intermediate checkpoint (``checkpoint_epoch=K.pt``) can be scored like a finished run.
+
+    Args:
+        checkpoint: a trainer checkpoint holding ``network``, ``info`` and, for ``weights="ema"``, ``ema``.
+        output: the model file to write.
+        weights: ``"ema"`` (the averaged weights, as the trainer exports them) or ``"network"`` (the raw weights
+            of the last optimiser step).
+
+    Returns:
+        the written path.
+
+    Raises:
+        GuideGenInputError: unreadable file, not a training checkpoint, or no entry for ``weights``.
+    """
+    if weights not in ("ema", "network"):
+        raise GuideGenInputError(f"weights must be 'ema' or 'network', got {weights!r}")
+    try:
+        content = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
+        raise GuideGenInputError(f"cannot read training checkpoint {checkpoint}: {error}") from error
+    if not isinstance(content, Mapping) or "info" not in content or weights not in content:
+        keys = sorted(content) if isinstance(content, Mapping) else type(content).__name__
+        raise GuideGenInputError(
+            f"{checkpoint} is not a training checkpoint with '{weights}' and 'info' entries (it holds {keys}); "
+            "a finished run's models/model.pt is already a model file"
+        )
+    state = content[weights]
+    if weights == "ema":  # torch's AveragedModel: the module's entries under "module.", plus its step counter
+        state = OrderedDict((k[len("module."):], v) for k, v in state.items() if k.startswith("module."))
+    return write_model_file(output, state, content["info"])
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> str | None:
     """The most recently written training checkpoint in a folder, for resuming.
 
