@@ -64,6 +64,7 @@ VARIANTS: Mapping[str, Mapping[str, Any]] = {
     "organ1_volume1": {"tumor_organ_loss_weight": 1.0, "tumor_volume_loss_weight": 1.0},
     "tumor10_organ1_volume1": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 1.0, "tumor_volume_loss_weight": 1.0},
     "tumor10_organ10_volume1": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 10.0, "tumor_volume_loss_weight": 1.0},
+    "tumor10_organ1_volume01": {"tumor_loss_weight": 10.0, "tumor_organ_loss_weight": 1.0, "tumor_volume_loss_weight": 0.1},
 }
 """Overrides of ``train.yaml`` + ``train_cpu.yaml`` per variant."""
 
