@@ -88,7 +88,7 @@ def model_file_from_checkpoint(checkpoint: str | os.PathLike, output: str | os.P
     if weights not in ("ema", "network"):
         raise GuideGenInputError(f"weights must be 'ema' or 'network', got {weights!r}")
     try:
-        content = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+        content = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
         raise GuideGenInputError(f"cannot read training checkpoint {checkpoint}: {error}") from error
     if not isinstance(content, Mapping) or "info" not in content or weights not in content:
